@@ -1,0 +1,30 @@
+# Quick start: `make train` and `make test` create .venv and install rode when needed.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.rode-installed
+
+.PHONY: train test test-slow test-all bench install clean
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(STAMP)
+
+train: $(STAMP)
+	$(BIN)/rode train $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q $(ARGS)
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow $(ARGS)
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -q -m "slow or not slow" $(ARGS)
+
+clean:
+	rm -rf outputs build *.egg-info .pytest_cache

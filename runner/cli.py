@@ -1,0 +1,181 @@
+"""The `rode` command: a thin dispatcher from `rode <task> [overrides]` to Hydra.
+
+Hydra has no sub-commands, so the task word is popped from the command line and
+the task's own Hydra app (config ``conf/<task>.yaml``) is run with the rest.
+Before anything runs, every job's config is composed and validated, so bad input
+costs one line on stderr and exit code 2, and nothing already written is touched.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+
+from .errors import ConfigError, RodeError
+from .tasks import TASKS, load_task
+
+# Hydra flags that take a value (the next word is not the task name).
+_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp",
+                     "--config-name", "-cn", "--config-dir", "-cd", "--experimental-rerun"}
+_MULTIRUN = {"-m", "--multirun"}
+_MAX_COMBINATIONS = 256
+
+
+def usage() -> str:
+    width = max(map(len, TASKS))
+    lines = ["usage: rode [-m] <task> [key=value ...] [--help]", "", "tasks:"]
+    lines += [f"  {name:<{width}}  {desc}" for name, (_, desc) in TASKS.items()]
+    lines += ["", "examples:",
+              "  rode train depth=1000 method=heun grad=adjoint",
+              "  rode -m train depth=8,16,32 method=euler,heun",
+              "  rode train --help        # the task's config and options"]
+    return "\n".join(lines)
+
+
+def split_argv(argv: list[str]) -> tuple[str | None, list[str], list[str]]:
+    """-> (task, hydra flags, overrides)."""
+    task, flags, overrides = None, [], []
+    it = iter(argv)
+    for word in it:
+        if word.startswith("-") and "=" not in word:
+            flags.append(word)
+            if word in _FLAGS_WITH_VALUE:
+                flags.append(next(it, ""))
+        elif task is None and "=" not in word:
+            task = word
+        else:
+            overrides.append(word)
+    return task, flags, overrides
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    task, flags, overrides = split_argv(argv)
+    if task is None:
+        if any(f in ("-h", "--help") for f in flags):
+            print(usage())
+            sys.exit(0)
+        _die("no task given; choose from " + ", ".join(TASKS) + " (rode --help for more)")
+    if task not in TASKS:
+        _die(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+
+    module = load_task(task)
+    multirun = any(f in _MULTIRUN for f in flags)
+    only_hydra_flags = all(f in _MULTIRUN for f in flags)   # --help, --cfg ...: let Hydra answer
+    try:
+        if only_hydra_flags:
+            validate_overrides(task, module, overrides, multirun)
+        _run_hydra_app(task, module, flags + overrides)
+    except RodeError as e:
+        _die(str(e), e.exit_code, task)
+    except Exception as e:  # Hydra's own composition / parse errors: still one line
+        from hydra.errors import HydraException
+        if isinstance(e, HydraException):
+            _die(_hydra_message(e, overrides), 2, task)
+        raise
+
+
+def _die(message: str, code: int = 2, task: str | None = None) -> None:
+    prefix = f"rode {task}" if task else "rode"
+    print(f"{prefix}: error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def _run_hydra_app(task: str, module, argv: list[str]) -> None:
+    import hydra
+
+    # Let exceptions reach us instead of Hydra printing a trimmed traceback.
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+
+    @hydra.main(config_path="conf", config_name=task, version_base="1.3")
+    def app(cfg):
+        module.validate(cfg)
+        return module.run(cfg)
+
+    saved = sys.argv
+    sys.argv = [f"rode {task}", *argv]
+    try:
+        app()
+    finally:
+        sys.argv = saved
+
+
+# ---------------------------------------------------------------- validation
+def validate_overrides(task: str, module, overrides: list[str], multirun: bool) -> None:
+    """Compose and validate the config of every job the command line describes."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    GlobalHydra.instance().clear()
+    with initialize_config_module("runner.conf", version_base="1.3"):
+        try:
+            parsed = OverridesParser.create().parse_overrides(overrides)
+        except HydraException as e:
+            raise ConfigError(_hydra_message(e, overrides)) from None
+        axes = []
+        for o in parsed:
+            if o.is_hydra_override():
+                continue
+            if o.is_sweep_override():
+                if not multirun:
+                    raise ConfigError(f"{o.input_line} is a sweep; add -m to run one job per value")
+                try:
+                    values = list(o.sweep_string_iterator())
+                except Exception:
+                    continue   # not enumerable (an interval for a sweeper plugin): skip
+                axes.append([f"{o.get_key_element()}={v}" for v in values])
+            else:
+                axes.append([o.input_line])
+        for combo in _combinations(axes):
+            try:
+                cfg = compose(config_name=task, overrides=list(combo))
+            except HydraException as e:
+                raise ConfigError(_hydra_message(e, list(combo))) from None
+            module.validate(cfg)
+    GlobalHydra.instance().clear()
+
+
+def _combinations(axes: list[list[str]]):
+    """Every job of the sweep, or (when there are too many) each value once."""
+    total = 1
+    for values in axes:
+        total *= len(values)
+    if total <= _MAX_COMBINATIONS:
+        yield from itertools.product(*axes)
+        return
+    base = [values[0] for values in axes]
+    for k, values in enumerate(axes):
+        for v in values:
+            yield tuple(base[:k] + [v] + base[k + 1:])
+
+
+def _hydra_message(e: Exception, overrides: list[str]) -> str:
+    """One line from Hydra's multi-line composition errors, naming the valid choices."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import MissingConfigException
+
+    text = str(e)
+    if isinstance(e, MissingConfigException) and "Could not find '" in text:
+        missing = text.split("Could not find '", 1)[1].split("'", 1)[0]
+        group, _, option = missing.rpartition("/")
+        if group and GlobalHydra.instance().is_initialized():
+            options = GlobalHydra.instance().config_loader().get_group_options(group)
+            return f"{group}={option!r} is not a valid choice; choose from {', '.join(options)}"
+        return f"{missing!r} not found"
+    if "Could not override '" in text:
+        key = text.split("Could not override '", 1)[1].split("'", 1)[0]
+        return f"unknown key {key!r} (see `rode <task> --help` for the valid keys; use +{key}=... to add one)"
+    if "Could not append to config. An item is already at '" in text:
+        key = text.split("'")[1]
+        return f"{key!r} already exists; set it without the '+'"
+    first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+    cause = e.__cause__
+    if cause is not None and str(cause).strip():
+        first += ": " + str(cause).strip().splitlines()[0]
+    return first
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""Checks that turn a bad config value into one clear line (ConfigError, exit 2)."""
+from __future__ import annotations
+
+from typing import Iterable
+
+from .errors import ConfigError
+
+MAX_DEPTH = 100_000
+
+
+def _get(cfg, key: str):
+    node = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def check_choice(cfg, key: str, choices: Iterable[str]) -> str:
+    choices = list(choices)
+    value = _get(cfg, key)
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r} is not a valid choice; choose from "
+                          f"{', '.join(map(str, choices))}")
+    return value
+
+
+def check_int(cfg, key: str, low: int | None = None, high: int | None = None) -> int:
+    value = _get(cfg, key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+            isinstance(value, float) and not value.is_integer()):
+        raise ConfigError(f"{key}={value!r} must be an integer{_range(low, high)}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ConfigError(f"{key}={value!r} is out of range: it must be an integer{_range(low, high)}")
+    return int(value)
+
+
+def check_float(cfg, key: str, low: float | None = None, high: float | None = None,
+                positive: bool = False) -> float:
+    value = _get(cfg, key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{key}={value!r} must be a number")
+    if positive and not value > 0:
+        raise ConfigError(f"{key}={value!r} must be a number > 0")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ConfigError(f"{key}={value!r} must be a number{_range(low, high)}")
+    return float(value)
+
+
+def check_bool(cfg, key: str) -> bool:
+    value = _get(cfg, key)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}={value!r} must be true or false")
+    return value
+
+
+def _range(low, high) -> str:
+    if low is not None and high is not None:
+        return f" in [{low}, {high}]"
+    if low is not None:
+        return f" >= {low}"
+    if high is not None:
+        return f" <= {high}"
+    return ""
+
+
+def check_device(cfg, key: str = "device") -> str:
+    import torch
+
+    device = check_choice(cfg, key, ["cpu", "cuda", "auto"])
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{key}=cuda but no CUDA device is available; use {key}=cpu or {key}=auto")
+    return device
+
+
+def check_model_config(cfg) -> None:
+    """The knobs every task that builds a ResidualStack model shares."""
+    from .gradmodes import GRAD_MODES
+    from .integrators import INTEGRATORS
+    from .models import INITS
+
+    method = check_choice(cfg, "method", INTEGRATORS)
+    check_choice(cfg, "grad", GRAD_MODES)
+    check_choice(cfg, "init", INITS)
+    low = INTEGRATORS[method].min_functions
+    depth = check_int(cfg, "depth", 1, MAX_DEPTH)
+    if depth < low:
+        raise ConfigError(f"depth={depth} is too small for method={method}: it needs depth >= {low}")
+    check_int(cfg, "width", 1, 65_536)
+    check_int(cfg, "seed", 0)
+
+
+def check_training_config(cfg) -> None:
+    check_int(cfg, "epochs", 1)
+    check_int(cfg, "batch_size", 1)
+    check_float(cfg, "lr", positive=True)
+    check_float(cfg, "momentum", 0.0, 1.0)
+    check_float(cfg, "weight_decay", 0.0)
+    check_choice(cfg, "optimizer", ["sgd", "adam"])
+    check_choice(cfg, "schedule", ["constant", "step", "cosine"])
+    check_bool(cfg, "progress")
+    check_device(cfg)

@@ -1,0 +1,35 @@
+"""Measurement hooks: small objects the training loop calls at fixed points.
+
+A hook subclasses :class:`Hook`, overrides the points it needs, and logs with
+``run.log(self.name, {...})`` (a line in metrics.jsonl with a ``hook`` field).
+Register it in ``HOOKS`` to make it available from the config
+(``hooks.<name>.every=K``; 0 or absent means off, and an off hook is never built).
+"""
+from __future__ import annotations
+
+
+class Hook:
+    name = ""
+
+    def __init__(self, every: int = 1, **options):
+        self.every = int(every)
+        self.options = options
+
+    def on_train_start(self, run) -> None: ...
+    def on_step_end(self, run) -> None: ...
+    def on_epoch_end(self, run) -> None: ...
+    def on_train_end(self, run) -> None: ...
+
+
+HOOKS: dict[str, type[Hook]] = {}
+
+
+def build_hooks(cfg) -> list[Hook]:
+    """cfg: the ``hooks`` node, ``{name: {every: K, ...}}``; hooks with every<=0 are skipped."""
+    hooks = []
+    for name, options in (cfg or {}).items():
+        options = dict(options or {})
+        if int(options.get("every", 0)) <= 0:
+            continue
+        hooks.append(HOOKS[name](**options))
+    return hooks

@@ -1,0 +1,146 @@
+"""ResidualStack: N residual functions integrated as an ODE from t=0 to t≈1."""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .gradmodes import GradMode, get_grad_mode
+from .integrators import Integrator, get_integrator
+
+_BatchNorm = nn.modules.batchnorm._BatchNorm
+_Dropout = nn.modules.dropout._DropoutNd
+
+
+class ResidualStack(nn.Module):
+    """A ResNet seen as an ODE solver: x_{n+1} = x_n + h f_n(x_n) (Euler) or Heun.
+
+    Args:
+        functions: the residual functions, one per layer. Repeating the same
+            module means tied weights (parameters are shared, not copied).
+        method: ``"euler"``, ``"heun"``, or an :class:`Integrator`.
+        grad: ``"backprop"`` (store every activation) or ``"adjoint"`` (store only
+            the output; rebuild activations backward in the backward pass), or a
+            :class:`GradMode` instance (e.g. with options).
+        step_size: defaults to 1/len(functions), as in the paper.
+        preserve_rng: replay the random state of each function call when it is
+            recomputed (needed for dropout). ``None`` turns it on exactly when a
+            dropout module in training mode is present.
+
+    Any input shape works, as long as each function maps it to its own shape.
+    """
+
+    def __init__(
+        self,
+        functions: Sequence[nn.Module],
+        method: str | Integrator = "euler",
+        grad: str | GradMode = "backprop",
+        step_size: float | None = None,
+        preserve_rng: bool | None = None,
+    ):
+        super().__init__()
+        functions = list(functions)
+        self.integrator = get_integrator(method)
+        self.grad_mode = get_grad_mode(grad)
+        if len(functions) < self.integrator.min_functions:
+            raise ValueError(
+                f"method={self.integrator.name} needs at least "
+                f"{self.integrator.min_functions} residual functions, got {len(functions)}"
+            )
+        # ModuleList keeps repeated modules in place; parameters() still deduplicates.
+        self.functions = nn.ModuleList(functions)
+        self.step_size = 1.0 / len(functions) if step_size is None else float(step_size)
+        self.preserve_rng = preserve_rng
+
+    # ----------------------------------------------------------------- basics
+    @property
+    def depth(self) -> int:
+        return len(self.functions)
+
+    @property
+    def num_steps(self) -> int:
+        return self.integrator.num_steps(len(self.functions))
+
+    def extra_repr(self) -> str:
+        return (f"depth={self.depth}, method={self.integrator.name}, "
+                f"grad={self.grad_mode.name}, step_size={self.step_size:g}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.grad_mode(self, x)
+
+    # ------------------------------------------------- one step, two directions
+    def new_pass_seed(self) -> int | None:
+        """Draw the seed that makes this pass's randomness replayable (or None)."""
+        wanted = self.preserve_rng
+        if wanted is None:
+            wanted = any(isinstance(m, _Dropout) and m.training for m in self.modules())
+        if not wanted:
+            return None
+        return int(torch.randint(0, 2**62, (1,)).item())
+
+    def caller(self, n: int, seed: int | None):
+        """``call(i, x)`` for step n: evaluates function i, with replayable RNG."""
+        functions = self.functions
+        if seed is None:
+            return lambda i, x: functions[i](x)
+
+        def call(i, x):
+            devices = [x.device.index or 0] if x.is_cuda else []
+            with torch.random.fork_rng(devices=devices):
+                # One stream per (pass, step, function): the same masks whether the
+                # call happens in the forward pass or in a recomputation.
+                torch.manual_seed((seed + 1_000_003 * (n * len(functions) + i)) % 2**63)
+                return functions[i](x)
+
+        return call
+
+    def step(self, n: int, x: torch.Tensor, seed: int | None = None) -> torch.Tensor:
+        """x_n -> x_{n+1}."""
+        return self.integrator.step(self.caller(n, seed), n, x, self.step_size)
+
+    def reverse_step(self, n: int, y: torch.Tensor, seed: int | None = None) -> torch.Tensor:
+        """x_{n+1} -> approximately x_n, by running the scheme backward."""
+        return self.integrator.reverse(self.caller(n, seed), n, y, self.step_size)
+
+    def step_parameters(self, n: int) -> list[nn.Parameter]:
+        """The distinct trainable parameters that step n uses."""
+        seen: dict[int, nn.Parameter] = {}
+        for i in self.integrator.functions_of_step(n):
+            for p in self.functions[i].parameters():
+                if p.requires_grad:
+                    seen.setdefault(id(p), p)
+        return list(seen.values())
+
+    @contextlib.contextmanager
+    def recomputing(self) -> Iterator[None]:
+        """Recompute steps faithfully: BatchNorm stays in training mode and keeps
+        using batch statistics, but its running statistics are not updated again."""
+        frozen = [m for m in self.functions.modules()
+                  if isinstance(m, _BatchNorm) and m.training and m.track_running_stats]
+        for m in frozen:
+            m.track_running_stats = False   # train mode + no running stats = batch stats only
+        try:
+            yield
+        finally:
+            for m in frozen:
+                m.track_running_stats = True
+
+    # ------------------------------------------------------------ measurement
+    @torch.no_grad()
+    def trajectory(self, x: torch.Tensor, seed: int | None = None) -> list[torch.Tensor]:
+        """All states x_0 .. x_S of the forward pass (S = num_steps)."""
+        states = [x]
+        for n in range(self.num_steps):
+            states.append(self.step(n, states[-1], seed))
+        return states
+
+    @torch.no_grad()
+    def rebuild(self, y: torch.Tensor, seed: int | None = None) -> list[torch.Tensor]:
+        """States rebuilt backward from the output, as the adjoint does: x̃_0 .. x̃_S."""
+        states = [y]
+        with self.recomputing():
+            for n in reversed(range(self.num_steps)):
+                states.append(self.reverse_step(n, states[-1], seed))
+        return states[::-1]
