@@ -93,11 +93,12 @@ class _AdjointFunction(torch.autograd.Function):
 GRAD_MODES: dict[str, type[GradMode]] = {"backprop": Backprop, "adjoint": Adjoint}
 
 
-def get_grad_mode(grad) -> GradMode:
+def get_grad_mode(grad, **options) -> GradMode:
+    """A grad mode from its name (``options`` go to its constructor) or an instance."""
     if isinstance(grad, GradMode):
         return grad
     try:
-        return GRAD_MODES[grad]()
+        return GRAD_MODES[grad](**options)
     except KeyError:
         raise ValueError(
             f"unknown grad {grad!r}; choose from {', '.join(GRAD_MODES)}") from None

@@ -8,6 +8,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from .gradmodes import get_grad_mode
 from .stack import ResidualStack
 
 
@@ -128,4 +129,11 @@ def build_model(cfg, input_shape, num_classes) -> nn.Module:
     return MODELS[m.name](
         input_shape, num_classes, depth=int(cfg.depth), width=int(cfg.width),
         hidden=m.get("hidden"), activation=m.get("activation", "relu"),
-        init=cfg.init, method=cfg.method, grad=cfg.grad)
+        init=cfg.init, method=cfg.method, grad=grad_mode_from_config(cfg))
+
+
+def grad_mode_from_config(cfg):
+    """``grad=<name>``, with that mode's options from the node of the same name
+    (e.g. ``adjoint: {...}``) when the config has one."""
+    options = cfg.get(cfg.grad) or {}
+    return get_grad_mode(cfg.grad, **options)
