@@ -1,0 +1,227 @@
+"""The figures of `rode report` and of the tasks that draw their own (matplotlib, Agg).
+
+Each function takes plain rows (dicts, as read from the CSV files) and a PNG path.
+Depth is always on a log2 axis; errors on a log axis with fitted slopes in the legend.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")   # files only, never a window (and no display on clusters)
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+DPI = 100
+PANEL = (4.6, 3.4)
+COLORS = {"euler": "tab:blue", "heun": "tab:orange"}
+LINESTYLES = {"backprop": "-", "adjoint": "--"}
+
+
+def fit_slope(xs, ys) -> float:
+    """Least-squares slope of log(y) against log(x), over the positive finite points."""
+    pts = [(x, y) for x, y in zip(xs, ys) if x > 0 and y > 0 and math.isfinite(y)]
+    if len(pts) < 2 or len({x for x, _ in pts}) < 2:
+        return float("nan")
+    x, y = np.array(pts, dtype=float).T
+    return float(np.polyfit(np.log(x), np.log(y), 1)[0])
+
+
+def _panels(n: int, title: str | None = None):
+    fig, axes = plt.subplots(1, n, figsize=(PANEL[0] * n, PANEL[1]), squeeze=False)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig, list(axes[0])
+
+
+def _depth_axis(ax, depths) -> None:
+    ax.set_xscale("log", base=2)
+    ticks = sorted(set(int(d) for d in depths))
+    if 0 < len(ticks) <= 12:
+        ax.set_xticks(ticks)
+        ax.set_xticklabels([str(t) for t in ticks])
+    ax.set_xlabel("depth N")
+    ax.grid(True, which="major", alpha=0.3)
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return Path(path)
+
+
+def _style(label: str) -> dict:
+    """Colour by integrator, line style by gradient mode, when the label names them."""
+    words = label.replace(",", " ").replace("/", " ").split()
+    style = {}
+    for w in words:
+        if w in COLORS:
+            style["color"] = COLORS[w]
+        if w in LINESTYLES:
+            style["linestyle"] = LINESTYLES[w]
+    return style
+
+
+# ----------------------------------------------------------- discretization
+def plot_discretization(rows: list[dict], path: Path) -> Path:
+    """rows: case, weights, method, depth, error. One panel per residual function."""
+    cases = list(dict.fromkeys(r.get("case", "") for r in rows))
+    fig, axes = _panels(len(cases), "ResNet vs Neural ODE: ||x_N - x(1)|| / ||x(1)||")
+    colors = {"constant": "tab:green", "smooth": "tab:blue", "rough": "tab:red", "iid": "tab:gray"}
+    for ax, case in zip(axes, cases):
+        groups = defaultdict(list)
+        for r in rows:
+            if r.get("case", "") == case:
+                groups[(r["weights"], r["method"])].append((int(r["depth"]), float(r["error"])))
+        for (weights, method), pts in groups.items():
+            pts.sort()
+            d, e = zip(*pts)
+            ax.plot(d, e, marker="o", ms=3, color=colors.get(weights),
+                    linestyle="-" if method == "euler" else "--",
+                    label=f"{weights} {method} ({fit_slope(d, e):+.2f})")
+        _depth_axis(ax, [r["depth"] for r in rows])
+        ax.set_yscale("log")
+        ax.set_ylabel("relative error")
+        ax.set_title(f"f = {case}" if case else "", fontsize=9)
+        ax.legend(fontsize=7, title="weights method (slope)", title_fontsize=7,
+                  loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.set_size_inches(PANEL[0] * 1.45 * len(cases), PANEL[1])
+    return _save(fig, path)
+
+
+# ------------------------------------------------------------------- linear
+def plot_linear_weights(snapshots: dict, path: Path, max_entries: int = 4) -> Path:
+    """snapshots: {"depth": N, "steps": [s...], "weights": array (S, N, d, d)}.
+    A_n[i, j] against t = n/N, one panel per optimisation step."""
+    w = np.asarray(snapshots["weights"])
+    steps, depth = snapshots["steps"], int(snapshots["depth"])
+    fig, axes = _panels(len(steps), f"linear ResNet, N = {depth}: weights A_n against depth")
+    t = np.arange(depth) / depth
+    d = w.shape[-1]
+    entries = [(i, j) for i in range(d) for j in range(d)][:max_entries]
+    lo, hi = float(w.min()), float(w.max())
+    pad = 0.05 * (hi - lo or 1.0)
+    for ax, s, ws in zip(axes, steps, w):
+        for i, j in entries:
+            ax.plot(t, ws[:, i, j], lw=1.2, label=f"A[{i},{j}]")
+        ax.set_title(f"step {s}", fontsize=9)
+        ax.set_xlabel("n / N")
+        ax.set_ylim(lo - pad, hi + pad)
+        ax.grid(True, alpha=0.3)
+    axes[0].set_ylabel("weight")
+    axes[-1].legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_linear_increments(rows: list[dict], path: Path) -> Path:
+    """rows: depth, step, loss, max_increment, scaled_increment (N · max_n ||A_{n+1} - A_n||)."""
+    fig, axes = _panels(3, "linear ResNet: smoothness of the weights along training")
+    by_depth = defaultdict(list)
+    for r in rows:
+        by_depth[int(r["depth"])].append(r)
+    cmap = plt.get_cmap("viridis")
+    for k, (depth, rs) in enumerate(sorted(by_depth.items())):
+        rs.sort(key=lambda r: int(r["step"]))
+        steps = [int(r["step"]) for r in rs]
+        color = cmap(k / max(1, len(by_depth) - 1))
+        axes[0].plot(steps, [float(r["loss"]) for r in rs], color=color, label=f"N={depth}")
+        axes[1].plot(steps, [float(r["max_increment"]) for r in rs], color=color)
+        axes[2].plot(steps, [float(r["scaled_increment"]) for r in rs], color=color)
+    for ax, name in zip(axes, ["loss", "max_n ||A_{n+1} - A_n||", "N · max_n ||A_{n+1} - A_n||"]):
+        ax.set_xlabel("optimisation step")
+        ax.set_ylabel(name)
+        ax.grid(True, alpha=0.3)
+    axes[0].set_yscale("log")
+    axes[0].legend(fontsize=7)
+    return _save(fig, path)
+
+
+# ----------------------------------------------------------- train sweeps
+def plot_test_error(series: dict[str, list[tuple]], path: Path) -> Path:
+    """series: label -> [(depth, median, lowest, highest, seeds)], spread over seeds as a band."""
+    fig, axes = _panels(1, "test error vs depth (median over seeds, band: min-max)")
+    ax = axes[0]
+    depths = []
+    for label, pts in series.items():
+        pts = sorted(pts)
+        d, med, lo, hi = (np.array([p[k] for p in pts], dtype=float) for k in range(4))
+        depths += list(d)
+        line, = ax.plot(d, 100 * med, marker="o", ms=3, label=label, **_style(label))
+        if any(p[4] > 1 for p in pts):
+            ax.fill_between(d, 100 * lo, 100 * hi, color=line.get_color(), alpha=0.15)
+    _depth_axis(ax, depths)
+    ax.set_ylabel("test error (%)")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_grad_error(series: dict[str, list[tuple]], path: Path) -> Path:
+    """series: label -> [(depth, error, lowest, highest)] (spread over layers), log-log."""
+    fig, axes = _panels(1, "adjoint vs backprop: relative gradient error")
+    ax = axes[0]
+    depths = []
+    for label, pts in series.items():
+        pts = sorted(pts)
+        d, e, lo, hi = (np.array([p[k] for p in pts], dtype=float) for k in range(4))
+        depths += list(d)
+        line, = ax.plot(d, e, marker="o", ms=3, label=f"{label} (slope {fit_slope(d, e):+.2f})",
+                        **_style(label))
+        ax.fill_between(d, lo, hi, color=line.get_color(), alpha=0.12)
+    _depth_axis(ax, depths)
+    ax.set_yscale("log")
+    ax.set_ylabel("||g_adj - g_bp|| / ||g_bp||")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def _per_depth_panels(rows, key_fields, panels, title, path) -> Path:
+    """rows grouped into lines by key_fields; one panel per (column, y label, scale)."""
+    fig, axes = _panels(len(panels), title)
+    groups = defaultdict(list)
+    for r in rows:
+        groups[" ".join(str(r.get(k, "")) for k in key_fields)].append(r)
+    for label, rs in groups.items():
+        rs = sorted(rs, key=lambda r: int(r["depth"]))
+        d = [int(r["depth"]) for r in rs]
+        for ax, (col, _, factor) in zip(axes, panels):
+            ys = [_num(r.get(col)) * factor for r in rs]
+            if all(math.isnan(y) for y in ys):
+                continue
+            ax.plot(d, ys, marker="o", ms=3, label=label, **_style(label))
+    for ax, (_, ylabel, _) in zip(axes, panels):
+        _depth_axis(ax, [r["depth"] for r in rows])
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_ylabel(ylabel)
+    axes[0].legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_memory(rows: list[dict], path: Path) -> Path:
+    """rows: depth, grad, method, saved_bytes, peak_bytes, seconds_per_step."""
+    mib = 1 / 2**20
+    return _per_depth_panels(rows, ["method", "grad"], [
+        ("saved_bytes", "activations saved for backward (MiB)", mib),
+        ("peak_bytes", "peak memory of a step (MiB)", mib),
+        ("seconds_per_step", "seconds per step", 1.0)],
+        "memory vs depth", path)
+
+
+def plot_bench(rows: list[dict], path: Path) -> Path:
+    """rows: depth, contender, method, width, batch, seconds_per_step, peak_bytes, grad_rel_error."""
+    return _per_depth_panels(rows, ["contender"], [
+        ("seconds_per_step", "seconds per training step", 1.0),
+        ("peak_bytes", "peak memory (MiB)", 1 / 2**20),
+        ("grad_rel_error", "gradient error vs backprop", 1.0)],
+        "benchmark: one training step vs depth", path)
+
+
+def _num(value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
