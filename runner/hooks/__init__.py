@@ -21,7 +21,16 @@ class Hook:
     def on_train_end(self, run) -> None: ...
 
 
-HOOKS: dict[str, type[Hook]] = {}
+# The hook modules subclass Hook (defined above), hence the late imports.
+from .grad_error import GradErrorHook  # noqa: E402
+from .memory import MemoryHook  # noqa: E402
+from .recon import ReconHook  # noqa: E402
+from .smoothness import SmoothnessHook  # noqa: E402
+
+HOOKS: dict[str, type[Hook]] = {
+    "grad_error": GradErrorHook, "memory": MemoryHook, "recon": ReconHook,
+    "smoothness": SmoothnessHook,
+}
 
 
 def build_hooks(cfg) -> list[Hook]:

@@ -1,0 +1,36 @@
+"""memory: activation bytes saved per residual layer, and the peak memory of a step."""
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+from ..measure import peak_memory_of, saved_activation_bytes, untouched
+from .periodic import PeriodicHook, check_option
+
+
+class MemoryHook(PeriodicHook):
+    """Runs one probe training step (forward and backward, no optimizer update) on
+    ``batch`` training examples (null: the run's ``batch_size``) in train mode,
+    with the run's grad mode, and logs ``saved_bytes`` (everything autograd
+    saved for backward), ``stack_saved_bytes``, ``stack_output_bytes``,
+    ``layer_saved_bytes`` (per residual step), and ``peak_bytes`` with
+    ``peak_kind`` (see :func:`runner.measure.peak_memory_of`).
+    """
+
+    name = "memory"
+
+    def __init__(self, every: int = 0, batch: int | None = None, **options):
+        super().__init__(every, **options)
+        self.batch = check_option(self.name, "batch", batch, allow_none=True)
+
+    def measure(self, run) -> dict:
+        x, y = self.probe_batch(run, self.batch or int(run.cfg.batch_size))
+        result = {}
+
+        def step():
+            result.update(saved_activation_bytes(run.model, x, y, F.cross_entropy,
+                                                 backward=True))
+
+        with untouched(run.model):
+            run.model.train()
+            peak, kind = peak_memory_of(step, run.device)
+        return {**result, "peak_bytes": peak, "peak_kind": kind, "batch": len(y)}

@@ -1,0 +1,21 @@
+"""recon: how well the adjoint's backward rebuild recovers the forward activations."""
+from __future__ import annotations
+
+from ..measure import reconstruction_error
+from .periodic import PeriodicHook, check_option
+
+
+class ReconHook(PeriodicHook):
+    """On a fixed probe batch, logs ``layer_rel_error`` (per residual step n:
+    ||x̃_n - x_n|| / ||x_n||, x̃ rebuilt backward from the output as the adjoint
+    does), ``round_trip`` (||x̃_0 - x_0|| / ||x_0||) and ``max_rel_error``."""
+
+    name = "recon"
+
+    def __init__(self, every: int = 0, batch: int = 128, **options):
+        super().__init__(every, **options)
+        self.batch = check_option(self.name, "batch", batch)
+
+    def measure(self, run) -> dict:
+        x, _ = self.probe_batch(run, self.batch)
+        return reconstruction_error(run.model, x)

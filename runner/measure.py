@@ -1,0 +1,391 @@
+"""Measurements on models built around ResidualStacks.
+
+What the theory predicts, made measurable: the adjoint's gradient error against
+backprop, the activation memory autograd keeps, the peak memory of a step, how
+well the adjoint rebuilds the forward activations, and how smooth the weights
+are in depth. The training-loop hooks (``runner/hooks``) and the ``gradcheck``
+and ``memory`` tasks are thin wrappers around these functions.
+
+Every function that runs the model leaves it as it found it: parameters and
+their ``.grad``, BatchNorm running statistics, train/eval modes, and the random
+number generators. So a training run with measurements on follows the same
+trajectory as one without.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import resource
+from collections import defaultdict
+from typing import Callable, Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .gradmodes import Adjoint, Backprop, GradMode
+from .stack import ResidualStack
+
+Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+# ------------------------------------------------------------- leave no trace
+def residual_stacks(model: nn.Module) -> list[ResidualStack]:
+    """The ResidualStacks of ``model`` (the model itself if it is one), in order."""
+    return [m for m in model.modules() if isinstance(m, ResidualStack)]
+
+
+@contextlib.contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Restore the CPU (and initialised CUDA) random streams on exit."""
+    cpu = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
+@contextlib.contextmanager
+def untouched(model: nn.Module) -> Iterator[None]:
+    """Run probe passes on ``model``; on exit its buffers (BatchNorm running
+    statistics), train/eval modes and the random streams are as they were.
+    Parameters are never written by the probes (they use ``autograd.grad``)."""
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    modes = [(m, m.training) for m in model.modules()]
+    with preserved_rng():
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for b, saved in buffers:
+                    b.copy_(saved)
+            for m, training in modes:
+                m.training = training
+
+
+@contextlib.contextmanager
+def grad_mode_as(model: nn.Module, mode: GradMode) -> Iterator[None]:
+    """Temporarily make every ResidualStack of ``model`` use ``mode``."""
+    stacks = residual_stacks(model)
+    saved = [s.grad_mode for s in stacks]
+    for s in stacks:
+        s.grad_mode = mode
+    try:
+        yield
+    finally:
+        for s, m in zip(stacks, saved):
+            s.grad_mode = m
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| (0 when both vanish)."""
+    diff, ref = (a - b).norm().item(), b.norm().item()
+    if ref == 0.0:
+        return 0.0 if diff == 0.0 else float("inf")
+    return diff / ref
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    na, nb = a.norm().item(), b.norm().item()
+    if na == 0.0 or nb == 0.0:
+        return 1.0 if na == nb else 0.0
+    return (a.flatten() @ b.flatten()).item() / (na * nb)
+
+
+def _flat(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def layer_groups(model: nn.Module) -> list[tuple[int, list[nn.Parameter]]]:
+    """(layer, trainable parameters) for each residual function with its own
+    parameters. Layers are numbered across the model's stacks in order; a
+    function that repeats an earlier one (tied weights) is not listed again, so
+    a tied stack has a single layer, 0, holding the shared parameters."""
+    groups, seen, offset = [], set(), 0
+    for stack in residual_stacks(model):
+        for n, fn in enumerate(stack.functions):
+            params = [p for p in fn.parameters() if p.requires_grad]
+            if id(fn) not in seen and params:
+                groups.append((offset + n, params))
+            seen.add(id(fn))
+        offset += stack.depth
+    return groups
+
+
+# ------------------------------------------------------------ gradient error
+def gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mode: GradMode,
+              loss_fn: Loss = F.cross_entropy) -> dict[int, torch.Tensor]:
+    """{id(parameter): gradient} of ``loss_fn(model(x), y)`` with every stack in
+    ``mode``. Uses ``autograd.grad``: no ``.grad`` is written."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    with grad_mode_as(model, mode), torch.enable_grad():
+        loss = loss_fn(model(x), y)
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return {id(p): torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)}
+
+
+def gradient_error(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
+                   adjoint: GradMode | None = None, train: bool = True,
+                   loss_fn: Loss = F.cross_entropy) -> dict:
+    """The adjoint's gradient against exact backprop, on the same weights and batch.
+
+    Both passes run in train mode (``train=True``: what a training step
+    differentiates; BatchNorm uses batch statistics) from the same random state.
+    Returns the totals over all parameters (``rel_error``, ``cosine``), over the
+    residual functions only (``stack_rel_error``, ``stack_cosine``), and per
+    layer (``layers``: dicts with ``layer``, ``rel_error``, ``cosine``; see
+    :func:`layer_groups` for tied weights). Relative error: ||g_adj - g_bp|| / ||g_bp||.
+    """
+    adjoint = adjoint or Adjoint()
+    with untouched(model):
+        model.train(train)
+        with untouched(model):   # the second pass starts from the same state
+            exact = gradients(model, x, y, Backprop(), loss_fn)
+        approx = gradients(model, x, y, adjoint, loss_fn)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = layer_groups(model)
+    stack_params = [p for _, ps in groups for p in ps]
+    rows = []
+    for layer, ps in groups:
+        a, b = _flat(approx[id(p)] for p in ps), _flat(exact[id(p)] for p in ps)
+        rows.append({"layer": layer, "rel_error": _rel(a, b), "cosine": _cosine(a, b)})
+    a_all, b_all = _flat(approx[id(p)] for p in params), _flat(exact[id(p)] for p in params)
+    result = {"rel_error": _rel(a_all, b_all), "cosine": _cosine(a_all, b_all),
+              "stack_rel_error": float("nan"), "stack_cosine": float("nan"), "layers": rows}
+    if stack_params:
+        a_st = _flat(approx[id(p)] for p in stack_params)
+        b_st = _flat(exact[id(p)] for p in stack_params)
+        result.update(stack_rel_error=_rel(a_st, b_st), stack_cosine=_cosine(a_st, b_st))
+    return result
+
+
+# ------------------------------------------------------------------- memory
+class SavedTensors:
+    """Counts the bytes autograd saves for backward while active.
+
+    Each storage counts once (a tensor saved by two operations costs its memory
+    once), and storages in ``exclude`` (parameters: they exist anyway) not at all.
+    Bytes go to the current ``label``; :func:`saved_activation_bytes` sets it to
+    the residual step being run.
+    """
+
+    def __init__(self, exclude: Iterable[torch.Tensor] = ()):
+        self.bytes: dict = defaultdict(int)
+        self.label = None
+        self._seen = {t.untyped_storage().data_ptr() for t in exclude}
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    @property
+    def total(self) -> int:
+        return sum(self.bytes.values())
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        try:
+            storage = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):   # sparse, nested...: no plain storage
+            self.bytes[self.label] += t.numel() * t.element_size()
+            return t
+        key = storage.data_ptr()
+        if key not in self._seen:
+            self._seen.add(key)
+            self.bytes[self.label] += storage.nbytes()
+        return t
+
+    def __enter__(self) -> "SavedTensors":
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)
+
+
+def saved_tensor_bytes(fn: Callable[[], object], exclude: Iterable[torch.Tensor] = ()) -> int:
+    """Bytes of the tensors autograd saves for backward while ``fn()`` runs."""
+    with SavedTensors(exclude) as meter:
+        fn()
+    return meter.total
+
+
+@contextlib.contextmanager
+def _labelled_steps(stacks: list[ResidualStack], meter: SavedTensors) -> Iterator[None]:
+    """While active, ``meter.label`` names where the stacks are: ``(k, n)`` inside
+    step n of stack k, ``(k, None)`` elsewhere in stack k (e.g. the adjoint's
+    saved output), ``None`` outside every stack."""
+    handles = []
+
+    def enter(label):
+        def hook(*_):
+            meter.label = label
+        return hook
+
+    for k, stack in enumerate(stacks):
+        def step(n, x, seed=None, _step=stack.step, _k=k):
+            outer, meter.label = meter.label, (_k, n)
+            try:
+                return _step(n, x, seed)
+            finally:
+                meter.label = outer
+        stack.step = step   # an instance attribute shadows the method until deleted
+        handles.append(stack.register_forward_pre_hook(enter((k, None))))
+        handles.append(stack.register_forward_hook(enter(None)))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for stack in stacks:
+            del stack.step
+
+
+def saved_activation_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                           loss_fn: Loss = F.cross_entropy, *,
+                           backward: bool = False) -> dict:
+    """Bytes saved for backward by one forward pass of ``loss_fn(model(x), y)``.
+
+    Returns ``saved_bytes`` (the whole pass), ``stack_saved_bytes`` (inside the
+    residual stacks), ``layer_saved_bytes`` (per residual step n, across the
+    stacks in order: step n of a Heun stack uses functions n and n+1) and
+    ``stack_output_bytes`` (saved in a stack outside its steps: the adjoint's
+    one stored output). Runs in the model's current mode; ``backward=True`` also
+    runs the backward pass (with ``autograd.grad``: no ``.grad`` is written).
+    """
+    stacks = residual_stacks(model)
+    exclude = [*model.parameters(), *model.buffers()]
+    with SavedTensors(exclude) as meter, _labelled_steps(stacks, meter), torch.enable_grad():
+        loss = loss_fn(model(x), y)
+    if backward:
+        params = [p for p in model.parameters() if p.requires_grad]
+        torch.autograd.grad(loss, params, allow_unused=True)
+    del loss
+    per_layer = [meter.bytes.get((k, n), 0)
+                 for k, s in enumerate(stacks) for n in range(s.num_steps)]
+    output = sum(meter.bytes.get((k, None), 0) for k in range(len(stacks)))
+    return {"saved_bytes": meter.total, "stack_saved_bytes": sum(per_layer) + output,
+            "stack_output_bytes": output, "layer_saved_bytes": per_layer}
+
+
+def _proc_status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        _proc_status("VmHWM")
+        return True
+    except OSError:
+        return False
+    except KeyError:
+        return False
+
+
+def _release_free_memory() -> None:
+    """Give freed heap memory back to the OS, so that the next peak is measured
+    from what is really in use (glibc keeps freed blocks resident otherwise)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def peak_memory_of(fn: Callable[[], object], device: torch.device) -> tuple[int, str]:
+    """Run ``fn()`` and return (bytes, kind) for its peak memory.
+
+    kinds: ``cuda_max_memory_allocated`` (CUDA: the allocator's peak during
+    ``fn``, everything allocated included: weights, optimizer state,
+    activations); ``cpu_peak_rss_growth`` (CPU on Linux: how far the process's
+    peak resident set rose above its size just before ``fn``, after freed heap
+    memory was returned to the OS; it sees every allocation, torch's or not);
+    ``process_peak_rss`` (elsewhere: the process's lifetime peak RSS, a coarse
+    upper bound). On CUDA this resets the peak statistics.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device), "cuda_max_memory_allocated"
+    _release_free_memory()
+    if _reset_peak_rss():
+        before = _proc_status("VmRSS")
+        fn()
+        return max(0, _proc_status("VmHWM") - before), "cpu_peak_rss_growth"
+    fn()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process_peak_rss"
+
+
+# ----------------------------------------------------------- reconstruction
+def stack_inputs(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """The input each ResidualStack receives when ``model(x)`` runs (no grad)."""
+    seen: list[torch.Tensor] = []
+    handles = [s.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
+               for s in residual_stacks(model)]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def reconstruction_error(model: nn.Module, x: torch.Tensor, *, train: bool = True) -> dict:
+    """How well the adjoint's backward rebuild recovers the forward activations.
+
+    For each stack: the true states x_0..x_S (:meth:`ResidualStack.trajectory`)
+    and the states rebuilt from x_S (:meth:`ResidualStack.rebuild`), with the
+    same random seed. Returns ``layer_rel_error`` (per step n = 0..S-1, across
+    stacks: ||x̃_n - x_n|| / ||x_n||), ``round_trip`` (||x̃_0 - x_0|| / ||x_0||,
+    the largest over stacks) and ``max_rel_error``.
+    """
+    per_layer, round_trips = [], []
+    with untouched(model), torch.no_grad():
+        model.train(train)
+        for stack, x0 in zip(residual_stacks(model), stack_inputs(model, x)):
+            seed = stack.new_pass_seed()
+            true = stack.trajectory(x0, seed)
+            rebuilt = stack.rebuild(true[-1], seed)
+            errors = [_rel(rebuilt[n], true[n]) for n in range(stack.num_steps)]
+            per_layer += errors
+            round_trips.append(errors[0])
+    return {"round_trip": max(round_trips, default=0.0),
+            "max_rel_error": max(per_layer, default=0.0), "layer_rel_error": per_layer}
+
+
+# --------------------------------------------------------------- smoothness
+@torch.no_grad()
+def smoothness(model: nn.Module) -> dict:
+    """How smooth the residual weights are in depth.
+
+    θ_n: all parameters of residual function n, flattened. ``smoothness`` is
+    N · max_n ||θ_{n+1} - θ_n|| / max_n ||θ_n|| (the largest over stacks): O(1)
+    in N for weights on a smooth path, growing like N for i.i.d. weights, 0 for
+    tied weights. ``increments`` lists ||θ_{n+1} - θ_n|| (n = 0..N-2) across stacks.
+    """
+    value, max_inc, max_norm, increments = 0.0, 0.0, 0.0, []
+    for stack in residual_stacks(model):
+        thetas = [_flat([p.detach() for p in fn.parameters()] or [torch.zeros(1)])
+                  for fn in stack.functions]
+        norms = [t.norm().item() for t in thetas]
+        incs = [(b - a).norm().item() for a, b in zip(thetas, thetas[1:])]
+        increments += incs
+        top = max(norms)
+        max_norm = max(max_norm, top)
+        if incs:
+            max_inc = max(max_inc, max(incs))
+            if top > 0:
+                value = max(value, stack.depth * max(incs) / top)
+    return {"smoothness": value, "max_increment": max_inc, "max_norm": max_norm,
+            "increments": increments}
