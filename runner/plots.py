@@ -100,6 +100,7 @@ def plot_linear_weights(snapshots: dict, path: Path, max_entries: int = 4) -> Pa
     w = np.asarray(snapshots["weights"])
     steps, depth = snapshots["steps"], int(snapshots["depth"])
     fig, axes = _panels(len(steps), f"linear ResNet, N = {depth}: weights A_n against depth")
+    fig.set_size_inches(3.3 * len(steps), PANEL[1])
     t = np.arange(depth) / depth
     d = w.shape[-1]
     entries = [(i, j) for i in range(d) for j in range(d)][:max_entries]
