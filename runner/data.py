@@ -8,6 +8,8 @@ from typing import Callable
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from .vision import VISION_DATASETS
+
 
 @dataclass
 class DataBundle:
@@ -53,7 +55,8 @@ def synthetic(cfg) -> DataBundle:
     return DataBundle(train, test, shape, int(cfg.num_classes))
 
 
-DATASETS: dict[str, Callable[..., DataBundle]] = {"digits": digits, "synthetic": synthetic}
+DATASETS: dict[str, Callable[..., DataBundle]] = {"digits": digits, "synthetic": synthetic,
+                                                  **VISION_DATASETS}
 
 
 def build_dataset(cfg) -> DataBundle:

@@ -74,6 +74,15 @@ def evaluate(model, loader, device) -> tuple[float, float]:
     return total_loss / count, correct / count
 
 
+def mixed_precision(amp: bool, device: torch.device):
+    """(autocast context factory, gradient scaler) for ``amp``: bfloat16 where the GPU
+    has it, else float16 with loss scaling; both are no-ops when amp is off or not on CUDA."""
+    enabled = amp and device.type == "cuda"
+    dtype = torch.bfloat16 if enabled and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=enabled and dtype == torch.float16)
+    return (lambda: torch.autocast("cuda", dtype=dtype, enabled=enabled)), scaler
+
+
 def atomic_torch_save(obj, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
@@ -122,9 +131,11 @@ def _config_dict(cfg) -> dict:
 
 
 # -------------------------------------------------------------------- train
-def train(cfg, hooks: list[Hook] | None = None) -> dict:
+def train(cfg, hooks: list[Hook] | None = None, *, model: torch.nn.Module | None = None,
+          data: DataBundle | None = None) -> dict:
     """Train the model ``cfg`` describes; write metrics.jsonl, checkpoint.pt and
-    summary.json into ``cfg.out_dir``. Returns the summary."""
+    summary.json into ``cfg.out_dir``. Returns the summary. ``model`` and ``data``,
+    when given, are used instead of building them from ``cfg`` (e.g. fine-tuning)."""
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
@@ -132,11 +143,18 @@ def train(cfg, hooks: list[Hook] | None = None) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    data = build_dataset(cfg.dataset)
-    model = build_model(cfg, data.input_shape, data.num_classes).to(device)
+    data = build_dataset(cfg.dataset) if data is None else data
+    if model is None:
+        model = build_model(cfg, data.input_shape, data.num_classes)
+    model = model.to(device)
     optimizer = build_optimizer(cfg, model)
-    train_loader = make_loader(data.train, cfg.batch_size, shuffle=True, seed=cfg.seed)
-    test_loader = make_loader(data.test, 1024, shuffle=False, seed=cfg.seed)
+    workers = int(cfg.dataset.get("num_workers", 0) or 0)
+    pin = device.type == "cuda"
+    train_loader = make_loader(data.train, cfg.batch_size, shuffle=True, seed=cfg.seed,
+                               num_workers=workers, pin_memory=pin)
+    test_loader = make_loader(data.test, 1024, shuffle=False, seed=cfg.seed,
+                              num_workers=workers, pin_memory=pin)
+    autocast, scaler = mixed_precision(bool(cfg.get("amp", False)), device)
     total_steps = cfg.epochs * len(train_loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(cfg.schedule, s, total_steps))
@@ -158,13 +176,15 @@ def train(cfg, hooks: list[Hook] | None = None) -> dict:
                    disable=not show_progress, dynamic_ncols=True)
         for x, y in bar:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            loss = F.cross_entropy(model(x), y)
+            with autocast():
+                loss = F.cross_entropy(model(x), y)
             if not torch.isfinite(loss):
                 _fail(run, f"loss became {loss.item()} at epoch {epoch}, step {run.step + 1}; "
                       f"try a smaller lr (lr={cfg.lr})", start)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             scheduler.step()
             run.step += 1
             run.last_loss = loss.item()
@@ -176,7 +196,8 @@ def train(cfg, hooks: list[Hook] | None = None) -> dict:
         bar.close()
 
         # ---- evaluate, log, checkpoint
-        test_loss, test_acc = evaluate(model, test_loader, device)
+        with autocast():
+            test_loss, test_acc = evaluate(model, test_loader, device)
         best_acc = max(best_acc, test_acc)
         record = {"epoch": epoch, "step": run.step, "train_loss": loss_sum / seen,
                   "test_loss": test_loss, "test_acc": test_acc,

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .gradmodes import get_grad_mode
+from .resnet import build_resnet
 from .stack import ResidualStack
 
 
@@ -99,7 +100,7 @@ class ResNet(nn.Module):
 
 
 def build_mlp(input_shape: Sequence[int], num_classes: int, *, depth: int, width: int,
-              hidden: int | None, activation: str, init: str, method: str, grad) -> ResNet:
+              hidden: int | None, activation: str, init: str, method: str, grad, **_) -> ResNet:
     in_features = math.prod(input_shape)
     hidden = hidden or width
     blocks = INITS[init](lambda: MLPBlock(width, hidden, activation), depth)
@@ -120,7 +121,8 @@ def build_conv(input_shape: Sequence[int], num_classes: int, *, depth: int, widt
     return ResNet(stem, ResidualStack(blocks, method, grad), head)
 
 
-MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": build_mlp, "conv": build_conv}
+MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": build_mlp, "conv": build_conv,
+                                               "resnet": build_resnet}
 
 
 def build_model(cfg, input_shape, num_classes) -> nn.Module:
@@ -129,7 +131,7 @@ def build_model(cfg, input_shape, num_classes) -> nn.Module:
     return MODELS[m.name](
         input_shape, num_classes, depth=int(cfg.depth), width=int(cfg.width),
         hidden=m.get("hidden"), activation=m.get("activation", "relu"),
-        init=cfg.init, method=cfg.method, grad=grad_mode_from_config(cfg))
+        init=cfg.init, method=cfg.method, grad=grad_mode_from_config(cfg), config=m)
 
 
 def grad_mode_from_config(cfg):

@@ -6,8 +6,11 @@ import logging
 from ..config import check_model_config, check_training_config
 from ..data import DATASETS
 from ..models import MODELS
-from ..config import check_choice
-from ..engine import train
+from ..config import check_bool, check_choice
+from ..engine import resolve_device, train
+from ..errors import ConfigError
+from ..resnet import check_resnet_config
+from ..vision import check_dataset
 
 log = logging.getLogger("rode")
 
@@ -17,10 +20,26 @@ def validate(cfg) -> None:
     check_choice(cfg, "model.name", MODELS)
     check_model_config(cfg)
     check_training_config(cfg)
-    if cfg.model.name == "conv" and len(cfg.dataset.get("shape", [1, 8, 8])) != 3:
-        from ..errors import ConfigError
-        raise ConfigError(f"model=conv needs image data; dataset={cfg.dataset.name} gives "
-                          f"shape {list(cfg.dataset.shape)} (set dataset.shape=[C,H,W])")
+    check_amp(cfg)
+    if cfg.model.name in ("conv", "resnet") and len(cfg.dataset.get("shape", [1, 8, 8])) != 3:
+        raise ConfigError(f"model={cfg.model.name} needs image data; dataset={cfg.dataset.name} "
+                          f"gives shape {list(cfg.dataset.shape)} (set dataset.shape=[C,H,W])")
+    if cfg.model.name == "resnet":
+        check_resnet_config(cfg)
+    check_dataset(cfg.dataset)
+
+
+def check_amp(cfg) -> None:
+    if not check_bool(cfg, "amp"):
+        return
+    if resolve_device(cfg.device).type != "cuda":
+        raise ConfigError(f"amp=true needs a CUDA device (device={cfg.device} gives "
+                          f"{resolve_device(cfg.device)}); set amp=false")
+    if cfg.grad == "adjoint":
+        # The adjoint's backward pass recomputes steps outside autocast, in float32,
+        # on the float16 activations: it fails (see docs/datasets.md).
+        raise ConfigError("amp=true does not work with grad=adjoint yet; use grad=backprop "
+                          "or amp=false")
 
 
 def run(cfg) -> dict:
