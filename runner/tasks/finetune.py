@@ -1,0 +1,247 @@
+"""rode finetune: refine a model trained with tied weights.
+
+The paper's refining experiment: a ResNet whose residual functions are tied
+within each stage is constant in depth, hence smooth, so the adjoint trains it
+well. Untie it (every layer gets its own copy of the shared function), optionally
+change the depth N -> N' by interpolating the weights in depth, and fine-tune
+it with ``grad=adjoint``: no activation memory is spent inside the stacks.
+
+Writes metrics.jsonl, checkpoint.pt (loadable by a further ``finetune``) and
+summary.json with the accuracy before and after, and the memory used.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import re
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from ..config import MAX_DEPTH, check_choice, check_training_config
+from ..errors import ConfigError
+from ..gradmodes import GRAD_MODES, Backprop
+from ..stack import ResidualStack
+from .train import check_amp
+
+log = logging.getLogger("rode")
+
+# Keys of this task's config that are not training knobs for the checkpoint's run.
+# out_dir is set by run(): it cannot be resolved before Hydra's app starts.
+_OWN_KEYS = ("checkpoint", "depth", "dataset", "out_dir")
+
+
+# ------------------------------------------------------------- refining
+def resample_depth(functions: list[nn.Module], depth: int) -> list[nn.Module]:
+    """``depth`` new residual functions, each with its own parameters.
+
+    Layer n of N sits at t = n/N (θ_n = θ(n/N)); new layer m gets θ(m/N') on the
+    piecewise-linear path through the old layers (held constant after the last).
+    Buffers (BatchNorm running statistics) are interpolated the same way. Tied
+    layers give N' copies of the shared function; N' = N gives plain copies.
+    """
+    n = len(functions)
+    states = [f.state_dict() for f in functions]
+    out = []
+    for m in range(depth):
+        s = m * n / depth
+        i = min(int(s), n - 1)
+        j, w = min(i + 1, n - 1), s - i
+        block = copy.deepcopy(functions[i])   # a copy per layer: the weights are untied
+        if w > 0 and j != i:
+            block.load_state_dict({
+                k: torch.lerp(v, states[j][k], w) if v.is_floating_point() else v
+                for k, v in states[i].items()})
+        out.append(block)
+    return out
+
+
+def is_tied(stack: ResidualStack) -> bool:
+    return len({id(f) for f in stack.functions}) < len(stack.functions)
+
+
+def refine(model: nn.Module, depths: list[int], grad) -> None:
+    """Replace every ResidualStack of ``model`` (in order) by an untied one of the
+    given depth, integrated with the same method and ``grad``. The step size
+    scales with the depth (1/N -> 1/N' by default)."""
+    stacks = [(name, m) for name, m in model.named_modules() if isinstance(m, ResidualStack)]
+    for (name, stack), depth in zip(stacks, depths):
+        new = ResidualStack(resample_depth(list(stack.functions), depth), stack.integrator, grad,
+                            step_size=stack.step_size * stack.depth / depth,
+                            preserve_rng=stack.preserve_rng)
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
+
+
+# ---------------------------------------------------------- checkpoints
+def checkpoint_path(value) -> Path:
+    path = Path(str(value)).expanduser()
+    if path.is_dir():
+        path = path / "checkpoint.pt"
+    if not path.is_file():
+        raise ConfigError(f"checkpoint={value}: no such file (give a run dir holding "
+                          f"checkpoint.pt, or the checkpoint file)")
+    return path
+
+
+def load_checkpoint(path: Path) -> dict:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:   # torch.load raises many types for a file that is not a checkpoint
+        raise ConfigError(f"checkpoint={path}: cannot load it ({type(e).__name__})") from None
+    if not (isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict)
+            and isinstance(ckpt.get("config"), dict)):
+        raise ConfigError(f"checkpoint={path}: not a rode checkpoint (no model and config)")
+    return ckpt
+
+
+_FUNCTION_KEY = re.compile(r"^(.*?)\.?functions\.(\d+)\.")
+
+
+def stack_depths(state: dict) -> list[int]:
+    """Depth of each ResidualStack in a state dict, in order (from the key names)."""
+    depths: dict[str, int] = {}
+    for key in state:
+        m = _FUNCTION_KEY.match(key)
+        if m:
+            depths[m[1]] = max(depths.get(m[1], 0), int(m[2]) + 1)
+    return list(depths.values())
+
+
+def new_depths(cfg, old: list[int]) -> list[int]:
+    """The ``depth`` knob as one depth per stack (null: keep the old ones)."""
+    value = cfg.depth
+    if value is None:
+        return list(old)
+    values = list(value) if OmegaConf.is_list(value) else [value] * len(old)
+    if len(values) != len(old) or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise ConfigError(f"depth={_show(value)}: give one integer, or a list of "
+                          f"{len(old)} integers (the checkpoint has {len(old)} stacks of "
+                          f"depths {old})")
+    return values
+
+
+def _show(value) -> str:
+    return str(OmegaConf.to_container(value)) if OmegaConf.is_config(value) else repr(value)
+
+
+def job_config(cfg, saved: dict, depths: list[int]):
+    """The config of the fine-tuning run: the checkpoint's, with this task's training
+    knobs, dataset overrides and the new structure (untied, depth N')."""
+    job = OmegaConf.create(saved)
+    for key in cfg:
+        if key not in _OWN_KEYS:
+            value = cfg[key]
+            job[key] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(
+                value) else value
+    for key, value in (cfg.get("dataset") or {}).items():
+        if value is not None:
+            job.dataset[key] = value
+    # Untied layers: a rebuild from this config has one function per layer (the
+    # weights then come from the checkpoint), and the new depths.
+    job.init = "iid"
+    if job.model.name == "resnet":
+        job.model.depths = depths
+        job.model.weights = None
+    elif len(depths) == 1:
+        job.depth = depths[0]
+    job.finetune = {"checkpoint": str(checkpoint_path(cfg.checkpoint))}
+    return job
+
+
+# ----------------------------------------------------------------- task
+def validate(cfg) -> None:
+    from ..integrators import INTEGRATORS
+    from ..vision import check_dataset
+
+    if OmegaConf.is_missing(cfg, "checkpoint"):
+        raise ConfigError("checkpoint is required: checkpoint=<run dir or checkpoint.pt>")
+    ckpt = load_checkpoint(checkpoint_path(cfg.checkpoint))
+    check_choice(cfg, "grad", GRAD_MODES)
+    check_training_config(cfg)
+    check_amp(cfg)
+    old = stack_depths(ckpt["model"])
+    if not old:
+        raise ConfigError(f"checkpoint={cfg.checkpoint}: the model has no residual stack")
+    depths = new_depths(cfg, old)
+    method = ckpt["config"].get("method", "euler")
+    low = INTEGRATORS[method].min_functions if method in INTEGRATORS else 1
+    if not all(low <= d <= MAX_DEPTH for d in depths):
+        raise ConfigError(f"depth={_show(cfg.depth)}: every depth must be in "
+                          f"[{low}, {MAX_DEPTH}] (method={method})")
+    check_dataset(job_config(cfg, ckpt["config"], depths).dataset)
+
+
+def run(cfg) -> dict:
+    from ..data import build_dataset, make_loader
+    from ..engine import evaluate, resolve_device, seed_everything, train, write_json
+    from ..measure import grad_mode_as, saved_activation_bytes, untouched
+    from ..models import build_model, grad_mode_from_config
+
+    path = checkpoint_path(cfg.checkpoint)
+    ckpt = load_checkpoint(path)
+    old = stack_depths(ckpt["model"])
+    depths = new_depths(cfg, old)
+    job = job_config(cfg, ckpt["config"], depths)
+    job.out_dir = str(cfg.out_dir)
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+
+    # ---- the checkpoint's model, as it was trained
+    data = build_dataset(job.dataset)
+    built = OmegaConf.create(ckpt["config"])
+    if built.model.get("weights"):
+        built.model.weights = None   # the checkpoint holds the weights
+    model = build_model(built, data.input_shape, data.num_classes)
+    model.load_state_dict(ckpt["model"])
+    model.to(device)
+    test_loader = make_loader(data.test, 1024, shuffle=False, seed=cfg.seed)
+    tied = [is_tied(m) for m in model.modules() if isinstance(m, ResidualStack)]
+    if not any(tied):
+        log.warning("checkpoint %s has no tied stack; untying changes nothing", path)
+    _, acc_before = evaluate(model, test_loader, device)
+
+    # ---- untie, change depth, switch to the fine-tuning grad mode
+    grad = grad_mode_from_config(cfg)
+    refine(model, depths, grad)
+    _, acc_refined = evaluate(model, test_loader, device)
+
+    # ---- activation memory of one training step: backprop against this grad mode
+    x, y = next(iter(make_loader(data.train, cfg.batch_size, shuffle=False, seed=0)))
+    x, y = x.to(device), y.to(device)
+    with untouched(model):
+        model.train()
+        with grad_mode_as(model, Backprop()):
+            bp = saved_activation_bytes(model, x, y)
+        ours = saved_activation_bytes(model, x, y)
+
+    # ---- fine-tune
+    summary = train(job, model=model, data=data)
+    record = {"checkpoint": str(path), "tied": tied, "depth_before": old, "depth_after": depths,
+              "grad": cfg.grad, "acc_before": acc_before, "acc_refined": acc_refined,
+              "acc_after": summary["test_acc"], "batch": len(y),
+              "saved_bytes_backprop": bp["saved_bytes"],
+              "stack_saved_bytes_backprop": bp["stack_saved_bytes"],
+              f"saved_bytes_{cfg.grad}": ours["saved_bytes"],
+              f"stack_saved_bytes_{cfg.grad}": ours["stack_saved_bytes"]}
+    summary.update(record)
+    write_json(summary, Path(cfg.out_dir) / "summary.json")
+    with open(Path(cfg.out_dir) / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"event": "finetune", **record}) + "\n")
+
+    mib = 2.0 ** 20
+    print(f"rode finetune: test accuracy {100 * acc_before:.2f}% (checkpoint, depth {old}) -> "
+          f"{100 * acc_refined:.2f}% (untied, depth {depths}) -> "
+          f"{100 * summary['test_acc']:.2f}% after {summary['epochs']} epoch(s) with "
+          f"grad={cfg.grad}", flush=True)
+    print(f"  activation memory of one step (batch {len(y)}): backprop "
+          f"{bp['saved_bytes'] / mib:.2f} MiB ({bp['stack_saved_bytes'] / mib:.2f} in the stacks), "
+          f"{cfg.grad} {ours['saved_bytes'] / mib:.2f} MiB "
+          f"({ours['stack_saved_bytes'] / mib:.2f} in the stacks); peak memory "
+          f"{summary['peak_memory_bytes'] / mib:.0f} MiB ({summary['peak_memory_kind']}) "
+          f"-> {cfg.out_dir}", flush=True)
+    return summary
