@@ -1,0 +1,164 @@
+"""rode memory: activation memory and peak memory of one training step vs depth.
+
+For each depth and grad mode, builds the model, and on a random batch measures
+
+- ``saved_bytes``: bytes autograd saves for backward in the forward pass (whole
+  model and loss; parameters not counted), via ``saved_tensors_hooks``;
+- ``peak_bytes``: the peak memory of one training step (forward, backward,
+  SGD update), measured after one warm-up step; its kind is in summary.json
+  (``cuda_max_memory_allocated`` on GPU, ``cpu_peak_rss_growth`` on CPU: see
+  :func:`runner.measure.peak_memory_of`);
+- ``seconds_per_step``: the median over ``steps`` more steps.
+
+Writes ``memory.csv`` (depth, grad, method, saved_bytes, peak_bytes,
+seconds_per_step) and ``summary.json``, and prints the table.
+"""
+from __future__ import annotations
+
+import csv
+import gc
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf, open_dict
+from tqdm import tqdm
+
+from ..config import MAX_DEPTH, check_bool, check_choice, check_device, check_int
+from ..data import DATASETS, build_dataset
+from ..engine import resolve_device, seed_everything, write_json
+from ..errors import ConfigError
+from ..gradmodes import GRAD_MODES
+from ..integrators import INTEGRATORS
+from ..measure import peak_memory_of, saved_activation_bytes
+from ..models import INITS, MODELS, build_model
+
+COLUMNS = ["depth", "grad", "method", "saved_bytes", "peak_bytes", "seconds_per_step"]
+
+
+def _as_list(cfg, key: str) -> list:
+    value = cfg[key]
+    values = list(value) if OmegaConf.is_list(value) or isinstance(value, (list, tuple)) else [value]
+    if not values:
+        raise ConfigError(f"{key}=[] is empty; give at least one value, e.g. {key}=[16,64]")
+    return values
+
+
+def validate(cfg) -> None:
+    check_choice(cfg, "dataset.name", DATASETS)
+    check_choice(cfg, "model.name", MODELS)
+    method = check_choice(cfg, "method", INTEGRATORS)
+    check_choice(cfg, "init", INITS)
+    low = INTEGRATORS[method].min_functions
+    for depth in _as_list(cfg, "depths"):
+        if isinstance(depth, bool) or not isinstance(depth, int) or not low <= depth <= MAX_DEPTH:
+            raise ConfigError(f"depths: {depth!r} is not a valid depth for method={method}: "
+                              f"each must be an integer in [{low}, {MAX_DEPTH}]")
+    for grad in _as_list(cfg, "grads"):
+        if grad not in GRAD_MODES:
+            raise ConfigError(f"grads: {grad!r} is not a valid choice; choose from "
+                              f"{', '.join(GRAD_MODES)}")
+    check_int(cfg, "width", 1, 65_536)
+    check_int(cfg, "batch", 1)
+    check_int(cfg, "steps", 1)
+    check_int(cfg, "seed", 0)
+    if cfg.threads is not None:
+        check_int(cfg, "threads", 1, 1024)
+    check_bool(cfg, "progress")
+    check_device(cfg)
+    if cfg.model.name == "conv" and len(cfg.dataset.get("shape", [1, 8, 8])) != 3:
+        raise ConfigError(f"model=conv needs image data; dataset={cfg.dataset.name} gives "
+                          f"shape {list(cfg.dataset.shape)} (set dataset.shape=[C,H,W])")
+
+
+def measure_step(cfg, depth: int, grad: str, input_shape, num_classes, device) -> dict:
+    """One configuration: saved bytes, peak memory and time of a training step."""
+    arch = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    with open_dict(arch):
+        arch.depth, arch.grad = depth, grad
+    seed_everything(cfg.seed)
+    model = build_model(arch, input_shape, num_classes).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(cfg.seed)
+    x = torch.randn(cfg.batch, *input_shape, generator=g).to(device)
+    y = torch.randint(0, num_classes, (cfg.batch,), generator=g).to(device)
+    model.train()
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+    saved = saved_activation_bytes(model, x, y)
+    step()   # warm-up: one-time allocations (gradients' first use, kernels, thread pools)
+    peak, kind = peak_memory_of(step, device)
+    seconds = []
+    for _ in range(cfg.steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds.append(time.perf_counter() - start)
+    return {"depth": depth, "grad": grad, "method": cfg.method,
+            "saved_bytes": saved["saved_bytes"], "peak_bytes": peak,
+            "seconds_per_step": statistics.median(seconds),
+            "stack_saved_bytes": saved["stack_saved_bytes"],
+            "stack_output_bytes": saved["stack_output_bytes"], "peak_kind": kind}
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def run(cfg) -> dict:
+    start = time.perf_counter()
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    data = build_dataset(cfg.dataset)
+    jobs = [(int(d), str(g)) for d in _as_list(cfg, "depths") for g in _as_list(cfg, "grads")]
+
+    threads = torch.get_num_threads()
+    if cfg.threads is not None:
+        torch.set_num_threads(int(cfg.threads))
+    rows = []
+    bar = tqdm(jobs, desc="memory", leave=False, dynamic_ncols=True,
+               disable=not (cfg.progress and sys.stdout.isatty()))
+    try:
+        for depth, grad in bar:
+            bar.set_postfix(depth=depth, grad=grad)
+            rows.append(measure_step(cfg, depth, grad, data.input_shape, data.num_classes, device))
+            gc.collect()
+    finally:
+        bar.close()
+        torch.set_num_threads(threads)
+
+    with open(out_dir / "memory.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    kinds = sorted({r["peak_kind"] for r in rows})
+    summary = {"peak_kind": kinds[0] if len(kinds) == 1 else kinds, "device": str(device),
+               "method": cfg.method, "init": cfg.init, "model": cfg.model.name,
+               "width": int(cfg.width), "batch": int(cfg.batch), "dataset": cfg.dataset.name,
+               "threads": int(cfg.threads or threads),
+               "rows": rows, "seconds": round(time.perf_counter() - start, 3),
+               "config": OmegaConf.to_container(cfg, resolve=True)}
+    write_json(summary, out_dir / "summary.json")
+
+    print(f"rode memory: one training step, {cfg.model.name} width {cfg.width}, batch "
+          f"{cfg.batch}, {cfg.method}, init={cfg.init}, {device} (peak: {summary['peak_kind']})")
+    print(f"{'depth':>6}  {'grad':<8}  {'saved':>10}  {'peak':>10}  {'s/step':>8}")
+    for r in rows:
+        print(f"{r['depth']:>6}  {r['grad']:<8}  {_size(r['saved_bytes']):>10}  "
+              f"{_size(r['peak_bytes']):>10}  {r['seconds_per_step']:>8.4f}")
+    print(f"-> {out_dir}", flush=True)
+    return summary
