@@ -48,6 +48,23 @@ def split_argv(argv: list[str]) -> tuple[str | None, list[str], list[str]]:
     return task, flags, overrides
 
 
+def bind_positional(module, overrides: list[str]) -> list[str]:
+    """``rode <task> <word>`` for a task that declares ``POSITIONAL = "<key>"``: the one
+    bare word (or an existing path, which may hold '=' and ',' as Hydra's job dirs do)
+    becomes ``<key>='<word>'``, quoted so that Hydra reads it as one string."""
+    key = getattr(module, "POSITIONAL", None)
+    if not key:
+        return overrides
+    bare = [w for w in overrides if "=" not in w or os.path.exists(w)]
+    if len(bare) > 1:
+        raise ConfigError(f"expected one {key}, got {len(bare)}: {' '.join(bare)}")
+
+    def quoted(word: str) -> str:
+        return "'" + word.replace("'", "\\'") + "'"
+
+    return [f"{key}={quoted(w)}" if w in bare else w for w in overrides]
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     task, flags, overrides = split_argv(argv)
@@ -63,6 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     multirun = any(f in _MULTIRUN for f in flags)
     only_hydra_flags = all(f in _MULTIRUN for f in flags)   # --help, --cfg ...: let Hydra answer
     try:
+        overrides = bind_positional(module, overrides)
         if only_hydra_flags:
             validate_overrides(task, module, overrides, multirun)
         _run_hydra_app(task, module, flags + overrides)

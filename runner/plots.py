@@ -179,25 +179,29 @@ def plot_grad_error(series: dict[str, list[tuple]], path: Path) -> Path:
     return _save(fig, path)
 
 
-def _per_depth_panels(rows, key_fields, panels, title, path) -> Path:
-    """rows grouped into lines by key_fields; one panel per (column, y label, scale)."""
+def _per_depth_panels(rows, key_fields, panels, title, path, style=_style) -> Path:
+    """rows grouped into lines by key_fields; one panel per (column, y label, factor, y scale)."""
     fig, axes = _panels(len(panels), title)
     groups = defaultdict(list)
     for r in rows:
         groups[" ".join(str(r.get(k, "")) for k in key_fields)].append(r)
-    for label, rs in groups.items():
+    for label, rs in sorted(groups.items()):
         rs = sorted(rs, key=lambda r: int(r["depth"]))
         d = [int(r["depth"]) for r in rs]
-        for ax, (col, _, factor) in zip(axes, panels):
+        for ax, (col, _, factor, _) in zip(axes, panels):
             ys = [_num(r.get(col)) * factor for r in rs]
             if all(math.isnan(y) for y in ys):
                 continue
-            ax.plot(d, ys, marker="o", ms=3, label=label, **_style(label))
-    for ax, (_, ylabel, _) in zip(axes, panels):
+            ax.plot(d, ys, marker="o", ms=3, label=label, **style(label))
+    for ax, (_, ylabel, _, yscale) in zip(axes, panels):
         _depth_axis(ax, [r["depth"] for r in rows])
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
         ax.set_ylabel(ylabel)
+        if not ax.lines:
+            ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
+            continue
+        ax.set_yscale(yscale)
+        if yscale == "linear":
+            ax.set_ylim(bottom=0)
     axes[0].legend(fontsize=7)
     return _save(fig, path)
 
@@ -206,19 +210,27 @@ def plot_memory(rows: list[dict], path: Path) -> Path:
     """rows: depth, grad, method, saved_bytes, peak_bytes, seconds_per_step."""
     mib = 1 / 2**20
     return _per_depth_panels(rows, ["method", "grad"], [
-        ("saved_bytes", "activations saved for backward (MiB)", mib),
-        ("peak_bytes", "peak memory of a step (MiB)", mib),
-        ("seconds_per_step", "seconds per step", 1.0)],
+        ("saved_bytes", "activations saved for backward (MiB)", mib, "linear"),
+        ("peak_bytes", "peak memory of a step (MiB)", mib, "linear"),
+        ("seconds_per_step", "seconds per step", 1.0, "log")],
         "memory vs depth", path)
 
 
 def plot_bench(rows: list[dict], path: Path) -> Path:
     """rows: depth, contender, method, width, batch, seconds_per_step, peak_bytes, grad_rel_error."""
-    return _per_depth_panels(rows, ["contender"], [
-        ("seconds_per_step", "seconds per training step", 1.0),
-        ("peak_bytes", "peak memory (MiB)", 1 / 2**20),
-        ("grad_rel_error", "gradient error vs backprop", 1.0)],
-        "benchmark: one training step vs depth", path)
+    contenders = list(dict.fromkeys(str(r.get("contender")) for r in rows))
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+
+    def style(label):   # colour by contender, line style by integrator
+        contender, _, method = label.partition(" ")
+        return {"color": cycle[contenders.index(contender) % len(cycle)],
+                "linestyle": "--" if method == "heun" else "-"}
+
+    return _per_depth_panels(rows, ["contender", "method"], [
+        ("seconds_per_step", "seconds per training step", 1.0, "log"),
+        ("peak_bytes", "peak memory (MiB)", 1 / 2**20, "linear"),
+        ("grad_rel_error", "gradient error vs backprop", 1.0, "log")],
+        "benchmark: one training step vs depth", path, style)
 
 
 def _num(value) -> float:
