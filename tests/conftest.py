@@ -1,0 +1,27 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RODE = [sys.executable, "-m", "runner"]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _threads():
+    # The CI machine has 2 cores; more threads than that only add contention.
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def compose_config(task: str, overrides: list[str], out_dir) -> "DictConfig":
+    """The real task config, composed as `rode <task> overrides` would, with out_dir set."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_module("runner.conf", version_base="1.3"):
+        cfg = compose(config_name=task, overrides=[*overrides, f"out_dir={out_dir}"])
+    GlobalHydra.instance().clear()
+    return cfg

@@ -1,0 +1,120 @@
+"""The real `rode` command in a subprocess: outputs, multirun, bad input, failures."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+
+FAST = ["depth=4", "epochs=1", "width=16", "progress=false", "device=cpu"]
+
+
+def rode(*args, cwd):
+    """Run the installed console script (falls back to `python -m runner`)."""
+    exe = Path(sys.executable).with_name("rode")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "runner"]
+    return subprocess.run(cmd + list(args), cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_help_lists_tasks_and_config(tmp_path):
+    out = rode("--help", cwd=tmp_path)
+    assert out.returncode == 0 and "train" in out.stdout and "usage: rode" in out.stdout
+    out = rode("train", "--help", cwd=tmp_path)
+    assert out.returncode == 0
+    assert "method: euler" in out.stdout
+    groups = out.stdout.split("== Config ==")[0]
+    assert "digits" in groups and "synthetic" in groups and "mlp" in groups
+
+
+def test_train_writes_metrics_summary_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    out = rode("train", *FAST, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "test accuracy" in out.stdout
+    lines = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 1
+    assert {"epoch", "step", "train_loss", "test_loss", "test_acc", "seconds"} <= lines[0].keys()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert {"test_acc", "best_test_acc", "seconds", "steps", "peak_memory_bytes"} <= summary.keys()
+    assert summary["steps"] == lines[0]["step"] > 0 and summary["peak_memory_bytes"] > 0
+    import torch
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    assert {"model", "optimizer", "epoch", "config"} <= ckpt.keys()
+    assert ckpt["config"]["depth"] == 4 and ckpt["epoch"] == 1
+
+
+def test_single_run_goes_under_outputs_of_cwd(tmp_path):
+    out = rode("train", *FAST, "dataset=synthetic", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert len(list((tmp_path / "outputs").glob("*/*/summary.json"))) == 1
+
+
+@pytest.mark.parametrize("spelling", [["-m", "train"], ["train", "-m"]])
+def test_multirun_writes_one_job_dir_per_combination(tmp_path, spelling):
+    out = rode(*spelling, *FAST, "depth=2,4", "method=euler,heun", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    sweeps = list((tmp_path / "outputs" / "multirun").iterdir())
+    assert len(sweeps) == 1
+    jobs = [dict(kv.split("=") for kv in p.parent.name.split(","))
+            for p in sweeps[0].glob("*/summary.json")]
+    assert sorted((j["depth"], j["method"]) for j in jobs) == [
+        ("2", "euler"), ("2", "heun"), ("4", "euler"), ("4", "heun")]
+
+
+BAD = [
+    (["nosuchtask"], "unknown task 'nosuchtask'; choose from"),
+    (["train", "method=rk9"], "method='rk9' is not a valid choice; choose from euler, heun"),
+    (["train", "grad=magic"], "grad='magic' is not a valid choice; choose from backprop, adjoint"),
+    (["train", "init=random"], "init='random' is not a valid choice; choose from"),
+    (["train", "depth=0"], "depth=0 is out of range"),
+    (["train", "depth=-3"], "depth=-3 is out of range"),
+    (["train", "depth=1", "method=heun"], "depth=1 is too small for method=heun"),
+    (["train", "batch_size=0"], "batch_size=0 is out of range"),
+    (["train", "depth=abc"], "depth='abc' must be an integer"),
+    (["train", "depth=2.5"], "depth=2.5 must be an integer"),
+    (["train", "lr=-1"], "lr=-1 must be a number > 0"),
+    (["train", "dataset=nope"], "dataset='nope' is not a valid choice; choose from"),
+    (["train", "model=nope"], "model='nope' is not a valid choice; choose from"),
+    (["train", "nosuchkey=1"], "unknown key 'nosuchkey'"),
+    (["train", "optimizer=lbfgs"], "optimizer='lbfgs' is not a valid choice; choose from sgd, adam"),
+    (["train", "depth=4,8"], "is a sweep; add -m"),
+    (["-m", "train", "depth=4,0"], "depth=0 is out of range"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_input_is_one_line_exit_2(tmp_path, monkeypatch, capsys, args, message):
+    # In-process through the same entry point as the console script (fast: no new
+    # interpreter per case); test_bad_input_in_a_real_subprocess covers the process.
+    from runner.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    out = capsys.readouterr()
+    assert exit_.value.code == 2, (out.out, out.err)
+    lines = out.err.strip().splitlines()
+    assert len(lines) == 1, out.err
+    assert message in lines[0]
+    assert not (tmp_path / "outputs").exists()   # nothing ran, nothing written
+
+
+def test_bad_input_in_a_real_subprocess(tmp_path):
+    out = rode("train", "method=rk9", cwd=tmp_path)
+    assert out.returncode == 2
+    assert out.stderr.strip() == ("rode train: error: method='rk9' is not a valid choice; "
+                                  "choose from euler, heun")
+    assert "Traceback" not in out.stdout
+
+
+def test_divergence_stops_with_clear_message_after_writing(tmp_path):
+    run_dir = tmp_path / "run"
+    out = rode("train", *FAST, "epochs=3", "optimizer=sgd", "lr=1e8", f"hydra.run.dir={run_dir}",
+               cwd=tmp_path)
+    assert out.returncode == 1
+    assert "loss became nan" in out.stderr or "loss became inf" in out.stderr
+    assert "Traceback" not in out.stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed" and "loss became" in summary["error"]
