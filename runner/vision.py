@@ -95,13 +95,14 @@ def check_dataset(cfg) -> None:
 
     if cfg.name not in SOURCES:
         return
-    download = check_bool(cfg, "download")
-    check_int(cfg, "num_workers", 0, 256)
+    top = {"dataset": cfg}   # so that messages name the full key, dataset.<knob>
+    download = check_bool(top, "dataset.download")
+    check_int(top, "dataset.num_workers", 0, 256)
     if cfg.get("limit") is not None:
-        check_int(cfg, "limit", 1)
+        check_int(top, "dataset.limit", 1)
     if cfg.name == "imagenet":
-        size = check_int(cfg, "image_size", 8, 4096)
-        if check_int(cfg, "resize", 8, 8192) < size:
+        size = check_int(top, "dataset.image_size", 8, 4096)
+        if check_int(top, "dataset.resize", 8, 8192) < size:
             raise ConfigError(f"dataset.resize={cfg.resize} must be >= dataset.image_size={size}")
         if download:
             raise ConfigError(f"dataset.download=true is not possible for imagenet: "
