@@ -82,7 +82,8 @@ def grad_mode_as(model: nn.Module, mode: GradMode) -> Iterator[None]:
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    """||a - b|| / ||b|| (0 when both vanish)."""
+    """||a - b|| / ||b|| (0 when both vanish), in float64."""
+    a, b = a.double(), b.double()
     diff, ref = (a - b).norm().item(), b.norm().item()
     if ref == 0.0:
         return 0.0 if diff == 0.0 else float("inf")
@@ -90,6 +91,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
     na, nb = a.norm().item(), b.norm().item()
     if na == 0.0 or nb == 0.0:
         return 1.0 if na == nb else 0.0

@@ -1,0 +1,90 @@
+"""rode gradcheck: the adjoint's gradient error falls with depth at the integrator's order."""
+import csv
+import json
+
+import pytest
+import torch
+
+from conftest import compose_config
+from runner.engine import train
+from runner.errors import ConfigError
+from runner.tasks import gradcheck
+
+# The paper-notes setting: float64, 8-wide tanh MLP residual functions, N = 8 -> 64.
+SETTING = ["model.activation=tanh", "width=8", "batch=256", "dtype=float64", "device=cpu"]
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny float64 models: one thread is fastest, and spares a shared machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+
+def gradcheck_run(tmp_path, overrides):
+    name = "_".join(o.split("=")[1] for o in overrides)
+    cfg = compose_config("gradcheck", SETTING + overrides, tmp_path / name)
+    gradcheck.validate(cfg)
+    summary = gradcheck.run(cfg)
+    with open(tmp_path / name / "grad_error.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert json.loads((tmp_path / name / "summary.json").read_text())["rel_error"] == summary["rel_error"]
+    return summary, rows
+
+
+def test_error_falls_with_depth_at_the_order_the_weights_allow(tmp_path):
+    fall = {}
+    for init in ["tied", "iid"]:
+        for method in ["euler", "heun"]:
+            errors = []
+            for depth in [8, 64]:
+                summary, rows = gradcheck_run(tmp_path, [f"depth={depth}", f"method={method}",
+                                                         f"init={init}"])
+                assert (summary["depth"], summary["method"], summary["init"]) == (depth, method, init)
+                # One row per residual function with its own weights; tied: one shared.
+                assert [int(r["layer"]) for r in rows] == ([0] if init == "tied" else list(range(depth)))
+                assert all(0 < float(r["rel_error"]) < 0.1 and float(r["cosine"]) > 0.99 for r in rows)
+                errors.append(summary["rel_error"])
+            fall[init, method] = errors[0] / errors[1]   # depth x8
+    # Euler: at least first order, whatever the weights.
+    assert fall["tied", "euler"] > 8 / 2 and fall["iid", "euler"] > 8 / 2
+    # Heun: at least second order when the weights are smooth in depth (tied)...
+    assert fall["tied", "heun"] > 64 / 2 and fall["tied", "heun"] > 10 * fall["tied", "euler"]
+    # ... and its advantage over Euler is gone with i.i.d. weights.
+    assert fall["iid", "heun"] < 2 * fall["iid", "euler"]
+
+
+def test_checkpoint_gives_the_architecture_and_weights(tmp_path, capsys):
+    cfg = compose_config("train", ["dataset=synthetic", "dataset.num_samples=200", "epochs=1",
+                                   "depth=5", "width=12", "method=heun", "init=iid",
+                                   "progress=false", "device=cpu"], tmp_path / "trained")
+    trained = train(cfg)
+    capsys.readouterr()
+    out = tmp_path / "check"
+    # depth=3 is ignored: the checkpoint holds a depth-5 model.
+    cfg = compose_config("gradcheck", [f"checkpoint={tmp_path / 'trained'}", "depth=3",
+                                       "batch=64", "device=cpu"], out)
+    gradcheck.validate(cfg)
+    gradcheck.run(cfg)
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert len(printed) == 1 and "rel_error" in printed[0]
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["depth"], summary["width"], summary["method"], summary["dataset"]) == \
+        (5, 12, "heun", "synthetic")
+    assert summary["step"] == trained["steps"] and summary["checkpoint"].endswith("checkpoint.pt")
+    with open(out / "grad_error.csv") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == ["layer", "rel_error", "cosine"]
+        assert len(list(reader)) == 5
+    assert 0 < summary["rel_error"] < 1
+
+
+@pytest.mark.parametrize("override, message", [
+    ("checkpoint=/no/such/run", "checkpoint"), ("dtype=float16", "dtype"),
+    ("method=heun depth=1", "depth"), ("batch=0", "batch"), ("init=random", "init")])
+def test_bad_input_is_a_config_error(tmp_path, override, message):
+    cfg = compose_config("gradcheck", override.split(), tmp_path)
+    with pytest.raises(ConfigError, match=message):
+        gradcheck.validate(cfg)
