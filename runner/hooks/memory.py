@@ -13,7 +13,8 @@ class MemoryHook(PeriodicHook):
     with the run's grad mode, and logs ``saved_bytes`` (everything autograd
     saved for backward), ``stack_saved_bytes``, ``stack_output_bytes``,
     ``layer_saved_bytes`` (per residual step), and ``peak_bytes`` with
-    ``peak_kind`` (see :func:`runner.measure.peak_memory_of`).
+    ``peak_kind`` (see :func:`runner.measure.peak_memory_of`); the first
+    measurement follows one unmeasured warm-up step.
     """
 
     name = "memory"
@@ -21,6 +22,7 @@ class MemoryHook(PeriodicHook):
     def __init__(self, every: int = 0, batch: int | None = None, **options):
         super().__init__(every, **options)
         self.batch = check_option(self.name, "batch", batch, allow_none=True)
+        self._warm = False
 
     def measure(self, run) -> dict:
         x, y = self.probe_batch(run, self.batch or int(run.cfg.batch_size))
@@ -32,5 +34,8 @@ class MemoryHook(PeriodicHook):
 
         with untouched(run.model):
             run.model.train()
+            if not self._warm:   # one-time allocations (autograd, kernels) are not the step's
+                step()
+                self._warm = True
             peak, kind = peak_memory_of(step, run.device)
         return {**result, "peak_bytes": peak, "peak_kind": kind, "batch": len(y)}

@@ -26,7 +26,7 @@ from ..engine import resolve_device, seed_everything, write_json
 from ..errors import ConfigError
 from ..gradmodes import get_grad_mode
 from ..integrators import INTEGRATORS
-from ..measure import gradient_error
+from ..measure import gradient_error, residual_stacks
 from ..models import INITS, MODELS, build_model
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
@@ -122,7 +122,8 @@ def run(cfg) -> dict:
         "stack_rel_error": result["stack_rel_error"], "stack_cosine": result["stack_cosine"],
         "max_layer_rel_error": max((r["rel_error"] for r in layers), default=0.0),
         "num_layers": len(layers),
-        "depth": int(arch.depth), "method": arch.method, "init": arch.init,
+        # Residual functions in all the model's stacks (= depth for mlp and conv).
+        "depth": sum(s.depth for s in residual_stacks(model)), "method": arch.method, "init": arch.init,
         "model": arch.model.name, "width": int(arch.width), "dataset": arch.dataset.name,
         "batch": len(y), "dtype": cfg.dtype, "seed": int(cfg.seed), "device": str(device),
         "checkpoint": None if checkpoint is None else str(checkpoint_path(cfg.checkpoint)),
@@ -131,7 +132,7 @@ def run(cfg) -> dict:
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     write_json(summary, out_dir / "summary.json")
-    print(f"rode gradcheck: depth {arch.depth} {arch.method} init={arch.init}: "
+    print(f"rode gradcheck: depth {summary['depth']} {arch.method} init={arch.init}: "
           f"rel_error {summary['rel_error']:.3e}, cosine {summary['cosine']:.8f} "
           f"({len(layers)} layers, largest layer rel_error "
           f"{summary['max_layer_rel_error']:.3e}) -> {out_dir}", flush=True)
