@@ -40,7 +40,8 @@ DTYPE = torch.float64
 WEIGHTS = ("constant", "smooth", "rough", "iid")
 # What the theory predicts for the slope of log(error) vs log(N), for the summary.
 EXPECTED = {"constant": "-order", "smooth": "-order",
-            "rough": "above -order; Heun no better than Euler", "iid": "about -1/2"}
+            "rough": ">= -1: Heun no better than Euler",
+            "iid": "about -1/2 when f is nonlinear in θ"}
 
 
 # ----------------------------------------------------------- residual functions
