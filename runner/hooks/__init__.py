@@ -35,10 +35,17 @@ HOOKS: dict[str, type[Hook]] = {
 
 def build_hooks(cfg) -> list[Hook]:
     """cfg: the ``hooks`` node, ``{name: {every: K, ...}}``; hooks with every<=0 are skipped."""
+    from ..errors import ConfigError
+
     hooks = []
     for name, options in (cfg or {}).items():
+        if name not in HOOKS:
+            raise ConfigError(f"hooks.{name} is not a hook; choose from {', '.join(HOOKS)}")
         options = dict(options or {})
-        if int(options.get("every", 0)) <= 0:
+        every = options.get("every", 0)
+        if isinstance(every, bool) or not isinstance(every, int):
+            raise ConfigError(f"hooks.{name}.every={every!r} must be an integer (0 = off)")
+        if every <= 0:
             continue
         hooks.append(HOOKS[name](**options))
     return hooks

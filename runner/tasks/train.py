@@ -9,6 +9,7 @@ from ..models import MODELS
 from ..config import check_bool, check_choice
 from ..engine import resolve_device, train
 from ..errors import ConfigError
+from ..hooks import build_hooks
 from ..resnet import check_resnet_config
 from ..vision import check_dataset
 
@@ -27,6 +28,7 @@ def validate(cfg) -> None:
     if cfg.model.name == "resnet":
         check_resnet_config(cfg)
     check_dataset(cfg.dataset)
+    build_hooks(cfg.get("hooks"))   # hook constructors validate their options
 
 
 def check_amp(cfg) -> None:
