@@ -64,6 +64,30 @@ def test_refine_unties_and_keeps_the_function():
     assert model[1].depth == 16 and model[1].step_size == pytest.approx(1 / 16)
 
 
+def test_recalibrate_gives_each_untied_layer_its_statistics():
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Tanh())
+    model = ResidualStack([block] * 3, "euler", "backprop")
+    x = torch.randn(256, 4) * 3 + 1
+    model.train()
+    model(x)   # the shared BatchNorm averages the statistics of all three layers
+    finetune.refine(model, [3], "backprop")
+    loader = [(x, None)] * 3   # the same batch: the average of its statistics is its own
+    assert finetune.recalibrate_batchnorm(model, loader, torch.device("cpu"), 2) == 2
+
+    h, means = x, []
+    with torch.no_grad():
+        for n in range(3):   # what each layer's BatchNorm sees, layer by layer
+            pre = model.functions[n][0](h)
+            means.append(pre.mean(0))
+            h = model.step(n, h)
+    for n in range(3):
+        bn = model.functions[n][1]
+        assert torch.allclose(bn.running_mean, means[n], atol=1e-5)
+        assert bn.momentum == 0.1   # restored
+    assert not torch.allclose(means[0], means[2], atol=1e-2)
+
+
 def test_finetune_end_to_end_through_the_cli(tmp_path):
     run_dir = tmp_path / "tied"
     summary = train.run(compose_config(
@@ -80,6 +104,8 @@ def test_finetune_end_to_end_through_the_cli(tmp_path):
     assert result["tied"] == [True]
     assert (result["depth_before"], result["depth_after"]) == ([4], [8])
     assert result["acc_after"] == result["test_acc"]
+    assert result["bn_recalibration_batches"] == 23   # all of digits' 1437 / 64 batches
+    assert 0.0 <= result["acc_untied"] <= 1.0
     # The adjoint keeps only each stack's output; backprop keeps every step's activations.
     assert result["stack_saved_bytes_adjoint"] * 4 < result["stack_saved_bytes_backprop"]
     assert result["config"]["grad"] == "adjoint" and result["config"]["depth"] == 8

@@ -21,7 +21,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from ..config import MAX_DEPTH, check_choice, check_training_config
+from ..config import MAX_DEPTH, check_choice, check_int, check_training_config
 from ..errors import ConfigError
 from ..gradmodes import GRAD_MODES, Backprop
 from ..stack import ResidualStack
@@ -31,7 +31,7 @@ log = logging.getLogger("rode")
 
 # Keys of this task's config that are not training knobs for the checkpoint's run.
 # out_dir is set by run(): it cannot be resolved before Hydra's app starts.
-_OWN_KEYS = ("checkpoint", "depth", "dataset", "out_dir")
+_OWN_KEYS = ("checkpoint", "depth", "dataset", "bn_recalibration", "out_dir")
 
 
 # ------------------------------------------------------------- refining
@@ -57,6 +57,37 @@ def resample_depth(functions: list[nn.Module], depth: int) -> list[nn.Module]:
                 for k, v in states[i].items()})
         out.append(block)
     return out
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, loader, device, batches: int) -> int:
+    """Re-estimate the running statistics of the BatchNorms inside the stacks from
+    ``batches`` training batches (a plain average; no weight changes). Returns the
+    number of batches used.
+
+    Tied layers share one BatchNorm, so its running statistics average over all
+    the layers of a stack, while each layer's activations have their own; in eval
+    mode that mismatch costs accuracy. Once untied, each layer can have its own.
+    """
+    norms = [m for stack in model.modules() if isinstance(stack, ResidualStack)
+             for m in stack.functions.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+             and m.track_running_stats]
+    if not norms or batches <= 0:
+        return 0
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None   # cumulative average over the batches seen
+    model.train()
+    used = 0
+    for x, _ in loader:
+        if used == batches:
+            break
+        model(x.to(device))
+        used += 1
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    return used
 
 
 def is_tied(stack: ResidualStack) -> bool:
@@ -164,6 +195,7 @@ def validate(cfg) -> None:
     check_choice(cfg, "grad", GRAD_MODES)
     check_training_config(cfg)
     check_amp(cfg)
+    check_int(cfg, "bn_recalibration", 0)
     old = stack_depths(ckpt["model"])
     if not old:
         raise ConfigError(f"checkpoint={cfg.checkpoint}: the model has no residual stack")
@@ -199,7 +231,9 @@ def run(cfg) -> dict:
     model = build_model(built, data.input_shape, data.num_classes)
     model.load_state_dict(ckpt["model"])
     model.to(device)
-    test_loader = make_loader(data.test, 1024, shuffle=False, seed=cfg.seed)
+    workers = int(job.dataset.get("num_workers", 0) or 0)
+    loader = dict(seed=cfg.seed, num_workers=workers, pin_memory=device.type == "cuda")
+    test_loader = make_loader(data.test, 1024, shuffle=False, **loader)
     tied = [is_tied(m) for m in model.modules() if isinstance(m, ResidualStack)]
     if not any(tied):
         log.warning("checkpoint %s has no tied stack; untying changes nothing", path)
@@ -208,7 +242,9 @@ def run(cfg) -> dict:
     # ---- untie, change depth, switch to the fine-tuning grad mode
     grad = grad_mode_from_config(cfg)
     refine(model, depths, grad)
-    _, acc_refined = evaluate(model, test_loader, device)
+    train_loader = make_loader(data.train, cfg.batch_size, shuffle=True, **loader)
+    used = recalibrate_batchnorm(model, train_loader, device, int(cfg.bn_recalibration))
+    _, acc_untied = evaluate(model, test_loader, device)
 
     # ---- activation memory of one training step: backprop against this grad mode
     x, y = next(iter(make_loader(data.train, cfg.batch_size, shuffle=False, seed=0)))
@@ -222,7 +258,7 @@ def run(cfg) -> dict:
     # ---- fine-tune
     summary = train(job, model=model, data=data)
     record = {"checkpoint": str(path), "tied": tied, "depth_before": old, "depth_after": depths,
-              "grad": cfg.grad, "acc_before": acc_before, "acc_refined": acc_refined,
+              "grad": cfg.grad, "acc_before": acc_before, "acc_untied": acc_untied, "bn_recalibration_batches": used,
               "acc_after": summary["test_acc"], "batch": len(y),
               "saved_bytes_backprop": bp["saved_bytes"],
               "stack_saved_bytes_backprop": bp["stack_saved_bytes"],
@@ -235,7 +271,8 @@ def run(cfg) -> dict:
 
     mib = 2.0 ** 20
     print(f"rode finetune: test accuracy {100 * acc_before:.2f}% (checkpoint, depth {old}) -> "
-          f"{100 * acc_refined:.2f}% (untied, depth {depths}) -> "
+          f"{100 * acc_untied:.2f}% (untied, depth {depths}"
+          f"{', BatchNorm statistics per layer' if used else ''}) -> "
           f"{100 * summary['test_acc']:.2f}% after {summary['epochs']} epoch(s) with "
           f"grad={cfg.grad}", flush=True)
     print(f"  activation memory of one step (batch {len(y)}): backprop "
