@@ -95,16 +95,16 @@ def is_tied(stack: ResidualStack) -> bool:
 
 
 def refine(model: nn.Module, depths: list[int], grad) -> None:
-    """Replace every ResidualStack of ``model`` (in order) by an untied one of the
-    given depth, integrated with the same method and ``grad``. The step size
-    scales with the depth (1/N -> 1/N' by default)."""
-    stacks = [(name, m) for name, m in model.named_modules() if isinstance(m, ResidualStack)]
-    for (name, stack), depth in zip(stacks, depths):
+    """Make every ResidualStack of ``model`` (in order) untied, of the given depth,
+    with ``grad``; the method stays. The step size scales with the depth (1/N ->
+    1/N' by default). In place: the model (or stack) object stays the same."""
+    stacks = [m for m in model.modules() if isinstance(m, ResidualStack)]
+    for stack, depth in zip(stacks, depths):
         new = ResidualStack(resample_depth(list(stack.functions), depth), stack.integrator, grad,
                             step_size=stack.step_size * stack.depth / depth,
                             preserve_rng=stack.preserve_rng)
-        parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
+        stack.functions, stack.step_size, stack.grad_mode = (
+            new.functions, new.step_size, new.grad_mode)
 
 
 # ---------------------------------------------------------- checkpoints
