@@ -1,0 +1,423 @@
+"""rode bench: time, memory and gradient error of one training step as depth grows.
+
+For each integrator and depth, every contender (:mod:`runner.contenders`) runs
+the same residual functions on the same batch: N MLP residual functions (width
+``width``, tied weights by default), x_0 a random batch, the loss
+||x_S - target||² / (2 batch), then the backward pass to every parameter. Per
+(method, depth, contender) it records
+
+- ``seconds_per_step``: median over ``repeats`` steps after warm-up; the
+  contenders' steps are interleaved round by round, so that a noisy machine
+  slows them alike and their ratios stay meaningful;
+- ``peak_bytes``: the step's peak memory above what the model and batch already
+  hold. On CPU each measurement runs in a fresh process and reads the kernel's
+  peak resident set (VmHWM, reset after a warm-up step); on CUDA it is
+  ``torch.cuda.max_memory_allocated`` above the memory allocated before the step;
+- ``grad_rel_error``: ||g - g_backprop|| / ||g_backprop|| over all parameters,
+  against backprop on the same functions and batch.
+
+Writes ``bench.csv`` (one row per measurement), ``bench.json`` (config, notes,
+the ratios the targets are about) and prints a table.
+"""
+from __future__ import annotations
+
+import csv
+import ctypes
+import gc
+import json
+import logging
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ..config import check_bool, check_choice, check_int
+from ..contenders import CONTENDERS
+from ..errors import ConfigError
+from ..integrators import INTEGRATORS
+from ..models import INITS, MLPBlock
+
+log = logging.getLogger("rode")
+
+COLUMNS = ["depth", "contender", "method", "width", "batch", "seconds_per_step",
+           "peak_bytes", "grad_rel_error",
+           # extras, after the fixed columns
+           "steps", "seconds_min", "repeats", "memory_kind", "device", "dtype", "init", "threads"]
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+ACTIVATIONS = ("relu", "tanh", "gelu")
+
+
+# -------------------------------------------------------------------- config
+def _check_list(cfg, key: str, valid) -> list:
+    values = cfg[key]
+    if isinstance(values, str) or not values:
+        raise ConfigError(f"{key}={values!r} must be a non-empty list; choose from "
+                          f"{', '.join(valid)} (e.g. {key}=[{','.join(list(valid)[:2])}])")
+    for v in values:
+        if v not in valid:
+            raise ConfigError(f"{key}: {v!r} is not a valid choice; choose from {', '.join(valid)}")
+    return list(values)
+
+
+def validate(cfg) -> None:
+    methods = _check_list(cfg, "methods", INTEGRATORS)
+    _check_list(cfg, "contenders", CONTENDERS)
+    depths = cfg.depths
+    if isinstance(depths, (str, int)) or not depths:
+        raise ConfigError(f"depths={depths!r} must be a non-empty list of integers, "
+                          f"e.g. depths=[16,64,256]")
+    low = max(INTEGRATORS[m].min_functions for m in methods)
+    for d in depths:
+        if isinstance(d, bool) or not isinstance(d, int) or not low <= d <= 1_000_000:
+            raise ConfigError(f"depths: {d!r} must be an integer >= {low} "
+                              f"(the fewest functions of methods={methods})")
+    check_int(cfg, "width", 1, 65_536)
+    if cfg.hidden is not None:
+        check_int(cfg, "hidden", 1, 65_536)
+    check_int(cfg, "batch", 1)
+    check_choice(cfg, "activation", ACTIVATIONS)
+    check_choice(cfg, "init", INITS)
+    check_choice(cfg, "dtype", DTYPES)
+    device = check_choice(cfg, "device", ["cpu", "cuda", "auto"])
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but no CUDA device is available; use device=cpu or device=auto")
+    if cfg.threads is not None:
+        check_int(cfg, "threads", 1, 1024)
+    check_int(cfg, "warmup", 0)
+    check_int(cfg, "repeats", 1)
+    check_int(cfg, "seed", 0)
+    check_bool(cfg, "memory")
+    check_bool(cfg, "compile")
+    check_bool(cfg, "progress")
+
+
+# ------------------------------------------------------------------ problem
+def make_problem(spec: dict):
+    """The residual functions, batch and target of one (method, depth): the same
+    for every contender and in every process, given the same spec."""
+    dtype, device = DTYPES[spec["dtype"]], torch.device(spec["device"])
+    torch.manual_seed(spec["seed"])
+    width, hidden = spec["width"], spec["hidden"] or spec["width"]
+    functions = INITS[spec["init"]](lambda: MLPBlock(width, hidden, spec["activation"]),
+                                    spec["depth"])
+    functions = [f.to(device=device, dtype=dtype) for f in functions]   # in place: ties survive
+    params = list(nn.ModuleList(functions).parameters())                # distinct ones
+    g = torch.Generator().manual_seed(spec["seed"] + 1)
+    x0 = torch.randn(spec["batch"], width, generator=g, dtype=dtype).to(device)
+    target = torch.randn(spec["batch"], width, generator=g, dtype=dtype).to(device)
+    return functions, params, x0, target
+
+
+def train_step(model, params, x0, target) -> float:
+    """One forward + backward pass; returns its wall time in seconds."""
+    for p in params:
+        p.grad = None
+    cuda = x0.is_cuda
+    if cuda:
+        torch.cuda.synchronize(x0.device)
+    start = time.perf_counter()
+    out = model(x0)
+    loss = (out - target).pow(2).sum() / (2 * x0.shape[0])
+    loss.backward()
+    if cuda:
+        torch.cuda.synchronize(x0.device)
+    return time.perf_counter() - start
+
+
+def flat_grad(params) -> torch.Tensor:
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
+                      for p in params]).double()
+
+
+# -------------------------------------------------------------- CPU memory
+def _proc_status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def _libc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+def peak_of_step(spec: dict) -> int:
+    """Peak resident memory of one training step above the resident memory once
+    the model and batch exist. Run it in a fresh process: the peak mark of a
+    process that already ran other steps says little about this one."""
+    libc = _libc()
+    if libc is not None:
+        # Large blocks straight from mmap and back on free (no dynamic threshold),
+        # so that the resident set follows the live tensors.
+        libc.mallopt(-3, 64 * 1024)   # M_MMAP_THRESHOLD
+    torch.set_num_threads(spec["threads"])
+    functions, params, x0, target = make_problem(spec)
+    model = CONTENDERS[spec["contender"]].build(functions, spec["method"],
+                                                 compile=spec["compile"])
+    train_step(model, params, x0, target)   # warm-up: lazy one-time allocations
+    for p in params:
+        p.grad = None
+    gc.collect()
+    if libc is not None:
+        libc.malloc_trim(0)
+    baseline = _proc_status("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")                          # reset the peak mark (VmHWM) to the current RSS
+    train_step(model, params, x0, target)
+    return _proc_status("VmHWM") - baseline
+
+
+def _serve() -> None:
+    """``python -m runner.tasks.bench --memory-server``: reads one JSON spec per
+    line, measures :func:`peak_of_step` in a child forked for it, answers one JSON
+    line. Forking from here is cheap (torch is imported) and safe (no torch
+    thread has started in this process)."""
+    import os
+
+    answers = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)   # whatever else gets printed goes to stderr
+    for line in sys.stdin:
+        spec = json.loads(line)
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:   # the child
+            os.close(read)
+            try:
+                result = ["ok", peak_of_step(spec)]
+            except BaseException as e:  # noqa: BLE001 - reported to the parent
+                result = ["error", f"{type(e).__name__}: {e}"]
+            with os.fdopen(write, "w") as f:
+                f.write(json.dumps(result))
+            os._exit(0)
+        os.close(write)
+        with os.fdopen(read) as f:
+            data = f.read()
+        _, status = os.waitpid(pid, 0)
+        if not data:
+            signal = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
+            data = json.dumps(["error", f"the measuring process died (signal {signal}, "
+                                        f"out of memory?)" if signal else
+                                        f"the measuring process exited with {os.WEXITSTATUS(status)}"])
+        answers.write(data + "\n")
+        answers.flush()
+
+
+class CpuMemory:
+    """Peak memory of a step, each measured in a fresh process (see :func:`_serve`)."""
+
+    kind = "cpu_peak_rss_over_baseline"
+
+    def __init__(self):
+        import subprocess
+
+        self.server = subprocess.Popen(
+            [sys.executable, "-m", "runner.tasks.bench", "--memory-server"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def measure(self, spec: dict) -> tuple[float, str | None]:
+        try:
+            self.server.stdin.write(json.dumps(spec) + "\n")
+            self.server.stdin.flush()
+            status, value = json.loads(self.server.stdout.readline())
+        except (OSError, ValueError) as e:
+            status, value = "error", f"the memory server failed ({type(e).__name__})"
+        if status != "ok":
+            return math.nan, (f"memory of {spec['contender']} ({spec['method']}, depth "
+                              f"{spec['depth']}) not measured: {value}")
+        return float(value), None
+
+    def close(self) -> None:
+        if self.server.stdin:
+            self.server.stdin.close()
+        self.server.wait()
+
+
+def cuda_peak(model, params, x0, target) -> float:
+    for p in params:
+        p.grad = None
+    gc.collect()
+    torch.cuda.synchronize(x0.device)
+    baseline = torch.cuda.memory_allocated(x0.device)
+    torch.cuda.reset_peak_memory_stats(x0.device)
+    train_step(model, params, x0, target)
+    return float(torch.cuda.max_memory_allocated(x0.device) - baseline)
+
+
+# ---------------------------------------------------------------------- run
+def run(cfg) -> dict:
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if cfg.threads is not None:
+        torch.set_num_threads(int(cfg.threads))
+    threads = torch.get_num_threads()
+
+    notes, names = [], []
+    for name in dict.fromkeys(cfg.contenders):   # keep order, drop repeats
+        why = CONTENDERS[name].missing()
+        if why:
+            notes.append(why)
+        else:
+            names.append(name)
+    for note in notes:
+        print(f"rode bench: note: {note}", flush=True)
+    if "backprop" not in names:
+        names.insert(0, "backprop")   # the reference for the gradient error and the ratios
+    methods = list(dict.fromkeys(cfg.methods))
+    depths = sorted(set(int(d) for d in cfg.depths))
+    memory = CpuMemory() if cfg.memory and device == "cpu" else None
+    memory_kind = ("cuda_max_allocated_over_baseline" if device == "cuda" else CpuMemory.kind) \
+        if cfg.memory else "not_measured"
+
+    jobs = [(m, d) for m in methods for d in depths]
+    work = sum(len([n for n in names if m in CONTENDERS[n].methods]) for m, _ in jobs)
+    bar = tqdm(total=work, desc="bench", dynamic_ncols=True,
+               disable=not (cfg.progress and sys.stderr.isatty()))
+    rows = []
+    for method, depth in jobs:
+        spec = {"method": method, "depth": depth, "width": int(cfg.width),
+                "hidden": cfg.hidden and int(cfg.hidden), "batch": int(cfg.batch),
+                "activation": cfg.activation, "init": cfg.init, "dtype": cfg.dtype,
+                "device": device, "seed": int(cfg.seed), "threads": threads,
+                "compile": bool(cfg.compile)}
+        here = [n for n in names if method in CONTENDERS[n].methods]
+        rows += _bench_one(spec, here, cfg, memory, memory_kind, notes, bar)
+    bar.close()
+    if memory is not None:
+        memory.close()
+
+    with open(out_dir / "bench.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    summary = {"config": {k: _plain(cfg[k]) for k in cfg if k != "out_dir"},
+               "device": device, "threads": threads, "memory_kind": memory_kind,
+               "torch": torch.__version__, "notes": notes, "ratios": ratios(rows)}
+    with open(out_dir / "bench.json", "w") as f:
+        json.dump(summary, f, indent=2)
+    print(format_table(rows), flush=True)
+    for note in notes:
+        print(f"note: {note}", flush=True)
+    print(f"rode bench: {len(rows)} measurements ({device}, {threads} threads, "
+          f"{cfg.dtype}) -> {out_dir / 'bench.csv'}", flush=True)
+    return summary
+
+
+def _bench_one(spec, names, cfg, memory, memory_kind, notes, bar) -> list[dict]:
+    """All contenders at one (method, depth): gradients, interleaved timing, memory."""
+    functions, params, x0, target = make_problem(spec)
+    models = {n: CONTENDERS[n].build(functions, spec["method"], compile=spec["compile"])
+              for n in names}
+    times: dict[str, list[float]] = {n: [] for n in names}
+    grads, peaks = {}, {}
+    for n, model in models.items():
+        train_step(model, params, x0, target)   # warm-up; its gradients are the ones compared
+        grads[n] = flat_grad(params)
+        for _ in range(int(cfg.warmup)):
+            train_step(model, params, x0, target)
+        if memory_kind.startswith("cuda"):
+            peaks[n] = cuda_peak(model, params, x0, target)
+    for _ in range(int(cfg.repeats)):
+        for n, model in models.items():
+            times[n].append(train_step(model, params, x0, target))
+    reference = grads["backprop"]
+    del models
+    gc.collect()
+
+    rows = []
+    for n in names:
+        if memory is not None:
+            peaks[n], why = memory.measure({**spec, "contender": n})
+            if why:
+                notes.append(why)
+                print(f"rode bench: note: {why}", file=sys.stderr, flush=True)
+        error = ((grads[n] - reference).norm() / reference.norm()).item()
+        rows.append({
+            "depth": spec["depth"], "contender": n, "method": spec["method"],
+            "width": spec["width"], "batch": spec["batch"],
+            "seconds_per_step": statistics.median(times[n]),
+            "peak_bytes": peaks.get(n, math.nan), "grad_rel_error": error,
+            "steps": INTEGRATORS[spec["method"]]().num_steps(spec["depth"]),
+            "seconds_min": min(times[n]), "repeats": len(times[n]),
+            "memory_kind": memory_kind, "device": spec["device"], "dtype": spec["dtype"],
+            "init": spec["init"], "threads": spec["threads"],
+        })
+        bar.update()
+    return rows
+
+
+# ------------------------------------------------------------------ output
+def ratios(rows: list[dict]) -> dict:
+    """What the targets are about, per method: time / backprop's at each depth,
+    peak memory at the largest depth / at depth 64 (or the smallest), gradient
+    error / torchdiffeq's at each depth."""
+    out = {}
+    for method in dict.fromkeys(r["method"] for r in rows):
+        mine = [r for r in rows if r["method"] == method]
+        at = {(r["contender"], r["depth"]): r for r in mine}
+        depths = sorted({r["depth"] for r in mine})
+        base_depth = 64 if 64 in depths else depths[0]
+        entry = {"time_vs_backprop": {}, "memory_growth": {}, "grad_error_vs_torchdiffeq": {},
+                 "memory_growth_depths": [base_depth, depths[-1]]}
+        for name in dict.fromkeys(r["contender"] for r in mine):
+            entry["time_vs_backprop"][name] = {
+                d: at[name, d]["seconds_per_step"] / at["backprop", d]["seconds_per_step"]
+                for d in depths if (name, d) in at and ("backprop", d) in at}
+            lo, hi = at.get((name, base_depth)), at.get((name, depths[-1]))
+            if lo and hi and lo["peak_bytes"] > 0:
+                entry["memory_growth"][name] = hi["peak_bytes"] / lo["peak_bytes"]
+            entry["grad_error_vs_torchdiffeq"][name] = {
+                d: at[name, d]["grad_rel_error"] / at["torchdiffeq", d]["grad_rel_error"]
+                for d in depths if (name, d) in at and ("torchdiffeq", d) in at
+                and at["torchdiffeq", d]["grad_rel_error"] > 0}
+        out[method] = entry
+    return _finite(out)
+
+
+def _finite(value):
+    """NaN (a measurement that failed or was skipped) as None, for strict JSON."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def format_table(rows: list[dict]) -> str:
+    head = (f"{'method':<6} {'depth':>6} {'contender':<15} {'s/step':>9} {'x bp':>6} "
+            f"{'peak MiB':>9} {'x bp':>6} {'grad rel err':>12}")
+    lines = [head, "-" * len(head)]
+    bp = {(r["method"], r["depth"]): r for r in rows if r["contender"] == "backprop"}
+    for r in rows:
+        ref = bp.get((r["method"], r["depth"]))
+        t_ratio = r["seconds_per_step"] / ref["seconds_per_step"] if ref else math.nan
+        m_ratio = (r["peak_bytes"] / ref["peak_bytes"]
+                   if ref and ref["peak_bytes"] and ref["peak_bytes"] > 0 else math.nan)
+        lines.append(f"{r['method']:<6} {r['depth']:>6} {r['contender']:<15} "
+                     f"{r['seconds_per_step']:>9.4f} {t_ratio:>6.2f} "
+                     f"{r['peak_bytes'] / 2**20:>9.1f} {m_ratio:>6.2f} {r['grad_rel_error']:>12.2e}")
+    return "\n".join(lines)
+
+
+def _plain(value):
+    from omegaconf import OmegaConf
+
+    try:
+        return OmegaConf.to_container(value, resolve=True)
+    except ValueError:
+        return value
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--memory-server"]:
+    _serve()
