@@ -6,7 +6,13 @@ import warnings
 import torch
 from torch.autograd.function import once_differentiable
 
+from .errors import ConfigError
 from .integrators import Euler, Heun
+
+
+class GradModeOptionError(ConfigError, ValueError):
+    """A bad grad-mode option: a ValueError to library callers, one line and exit
+    code 2 on the command line (``adjoint.vjp=...`` in a config)."""
 
 
 class GradMode:
@@ -68,10 +74,10 @@ class Adjoint(GradMode):
 
     def __init__(self, vjp: str = "exact", compile: bool = False):
         if vjp not in self.VJPS:
-            raise ValueError(f"adjoint.vjp={vjp!r} is not a valid choice; choose from "
-                             f"{', '.join(self.VJPS)}")
+            raise GradModeOptionError(f"adjoint.vjp={vjp!r} is not a valid choice; choose from "
+                                      f"{', '.join(self.VJPS)}")
         if not isinstance(compile, bool):
-            raise ValueError(f"adjoint.compile={compile!r} must be true or false")
+            raise GradModeOptionError(f"adjoint.compile={compile!r} must be true or false")
         self.vjp = vjp
         self.compile = compile
         self._compiled: dict[int, object] = {}   # id(function) -> compiled function
@@ -270,8 +276,9 @@ def get_grad_mode(grad, **options) -> GradMode:
     """A grad mode from its name (``options`` go to its constructor) or an instance."""
     if isinstance(grad, GradMode):
         return grad
+    if grad not in GRAD_MODES:
+        raise ValueError(f"unknown grad {grad!r}; choose from {', '.join(GRAD_MODES)}")
     try:
         return GRAD_MODES[grad](**options)
-    except KeyError:
-        raise ValueError(
-            f"unknown grad {grad!r}; choose from {', '.join(GRAD_MODES)}") from None
+    except TypeError as e:   # an option the mode does not have
+        raise GradModeOptionError(f"{grad}: {e}") from None
