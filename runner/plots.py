@@ -142,40 +142,61 @@ def plot_linear_increments(rows: list[dict], path: Path) -> Path:
 
 
 # ----------------------------------------------------------- train sweeps
-def plot_test_error(series: dict[str, list[tuple]], path: Path) -> Path:
-    """series: label -> [(depth, median, lowest, highest, seeds)], spread over seeds as a band."""
-    fig, axes = _panels(1, "test error vs depth (median over seeds, band: min-max)")
-    ax = axes[0]
-    depths = []
+def _by_panel(series: dict) -> dict:
+    """'euler adjoint | init=iid' -> panel 'init=iid', line 'euler adjoint'."""
+    panels = defaultdict(dict)
     for label, pts in series.items():
-        pts = sorted(pts)
-        d, med, lo, hi = (np.array([p[k] for p in pts], dtype=float) for k in range(4))
-        depths += list(d)
-        line, = ax.plot(d, 100 * med, marker="o", ms=3, label=label, **_style(label))
-        if any(p[4] > 1 for p in pts):
-            ax.fill_between(d, 100 * lo, 100 * hi, color=line.get_color(), alpha=0.15)
-    _depth_axis(ax, depths)
-    ax.set_ylabel("test error (%)")
-    ax.legend(fontsize=7)
+        line, _, panel = label.partition(" | ")
+        panels[panel][line] = pts
+    return dict(sorted(panels.items()))
+
+
+def plot_test_error(series: dict[str, list[tuple]], path: Path) -> Path:
+    """series: label -> [(depth, median, lowest, highest, seeds)], spread over seeds as a band.
+    A label 'line | panel' puts the line in the panel of that name (other sweep axes)."""
+    panels = _by_panel(series)
+    fig, axes = _panels(len(panels), "test error vs depth (median over seeds, band: min-max)")
+    for ax, (panel, lines) in zip(axes, panels.items()):
+        depths = []
+        for label, pts in lines.items():
+            pts = sorted(pts)
+            d, med, lo, hi = (np.array([p[k] for p in pts], dtype=float) for k in range(4))
+            depths += list(d)
+            line, = ax.plot(d, 100 * med, marker="o", ms=3, label=label, **_style(label))
+            if any(p[4] > 1 for p in pts):
+                ax.fill_between(d, 100 * lo, 100 * hi, color=line.get_color(), alpha=0.12)
+        _depth_axis(ax, depths)
+        ax.set_ylabel("test error (%)")
+        ax.set_title(panel, fontsize=9)
+        ax.legend(fontsize=7)
     return _save(fig, path)
 
 
 def plot_grad_error(series: dict[str, list[tuple]], path: Path) -> Path:
-    """series: label -> [(depth, error, lowest, highest)] (spread over layers), log-log."""
-    fig, axes = _panels(1, "adjoint vs backprop: relative gradient error")
-    ax = axes[0]
-    depths = []
-    for label, pts in series.items():
-        pts = sorted(pts)
-        d, e, lo, hi = (np.array([p[k] for p in pts], dtype=float) for k in range(4))
-        depths += list(d)
-        line, = ax.plot(d, e, marker="o", ms=3, label=f"{label} (slope {fit_slope(d, e):+.2f})",
-                        **_style(label))
-        ax.fill_between(d, lo, hi, color=line.get_color(), alpha=0.12)
-    _depth_axis(ax, depths)
-    ax.set_yscale("log")
-    ax.set_ylabel("||g_adj - g_bp|| / ||g_bp||")
-    ax.legend(fontsize=7)
+    """series: label -> [(depth, error, lowest, highest)] (spread over layers), log-log.
+    A label 'line | panel' puts the line in the panel of that name."""
+    panels = _by_panel(series)
+    fig, axes = _panels(len(panels), "adjoint vs backprop: relative gradient error "
+                                     "(band: lowest to highest layer)")
+    for ax, (panel, lines) in zip(axes, panels.items()):
+        depths = []
+        for label, pts in lines.items():
+            pts = sorted(pts)
+            d, e, lo, hi = (np.array([p[k] for p in pts], dtype=float) for k in range(4))
+            depths += list(d)
+            line, = ax.plot(d, e, marker="o", ms=3,
+                            label=f"{label} (slope {fit_slope(d, e):+.2f})", **_style(label))
+            ax.fill_between(d, lo, hi, color=line.get_color(), alpha=0.12)
+        _depth_axis(ax, depths)
+        ax.set_yscale("log")
+        ax.set_ylabel("||g_adj - g_bp|| / ||g_bp||")
+        ax.set_title(panel, fontsize=9)
+        ax.legend(fontsize=7)
+    if len(axes) > 1:   # same y range everywhere, so that panels compare at a glance
+        lo = min(ax.get_ylim()[0] for ax in axes)
+        hi = max(ax.get_ylim()[1] for ax in axes)
+        for ax in axes:
+            ax.set_ylim(lo, hi)
     return _save(fig, path)
 
 

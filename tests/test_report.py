@@ -160,3 +160,50 @@ def test_empty_dir_is_an_error(tmp_path):
     cfg = compose_config("report", [f"dir={tmp_path}"], tmp_path / "out")
     with pytest.raises(ConfigError, match="no job directories"):
         report.run(cfg)
+
+
+# ------------------------------------------------- experiment configs and scripts
+CPU_EXPERIMENTS = {"test_error": "train", "grad_error": "gradcheck", "memory": "memory",
+                   "discretization": "discretization", "linear": "linear",
+                   "finetune_pretrain": "train"}
+
+
+@pytest.mark.parametrize("name, task", CPU_EXPERIMENTS.items())
+def test_cpu_experiments_compose_and_validate(tmp_path, name, task):
+    from runner.tasks import load_task
+
+    cfg = compose_config(task, [f"+experiment={name}"], tmp_path)
+    load_task(task).validate(cfg)
+    assert cfg.get("device", "cpu") != "cuda"
+
+
+def test_full_variants_are_at_the_papers_scale():
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_module("runner.conf", version_base="1.3"):
+        cfg = compose("train", ["+experiment=test_error_full"], return_hydra_config=True)
+        grad = compose("gradcheck", ["+experiment=grad_error_full"], return_hydra_config=True)
+        tune = compose("finetune", ["+experiment=finetune_full", "checkpoint=x"])
+    GlobalHydra.instance().clear()
+    assert (cfg.dataset.name, cfg.model.name, cfg.width) == ("cifar10", "conv", 16)
+    assert (cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.schedule) == (
+        "sgd", 0.1, 0.9, 5e-4, "step")
+    params = cfg.hydra.sweeper.params
+    assert params.depth == "2,4,8,16,32,64"
+    assert params.method == "euler,heun" and params.grad == "backprop,adjoint"
+    assert grad.dataset.name == "cifar10" and grad.hydra.sweeper.params.depth.endswith("1024")
+    assert tune.grad == "adjoint" and tune.depth == 32
+
+
+def test_scripts_parse_and_say_what_they_show():
+    root = Path(__file__).resolve().parents[1] / "scripts"
+    import subprocess
+
+    for name in ("test_error", "grad_error", "memory", "discretization", "linear", "finetune",
+                 "reproduce_all"):
+        script = root / f"{name}.sh"
+        lines = script.read_text().splitlines()
+        assert lines[0] == "#!/usr/bin/env bash" and lines[1].startswith("# "), name
+        assert subprocess.run(["bash", "-n", str(script)]).returncode == 0, name

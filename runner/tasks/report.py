@@ -170,10 +170,12 @@ def factors(jobs: list[Job], exclude=NOT_FACTORS) -> list[str]:
 
 
 def series_label(job: Job, first: list[str], extra: list[str]) -> str:
+    """'euler adjoint', or 'euler adjoint | init=iid' when other axes vary (a figure panel each)."""
     flat = flatten(job.config)
-    words = [str(flat.get(k, "?")) for k in first]
-    words += [f"{k}={flat.get(k)}" for k in extra]
-    return " ".join(words)
+    label = " ".join(str(flat.get(k, "?")) for k in first)
+    if extra:
+        label += " | " + " ".join(f"{k}={flat.get(k)}" for k in extra)
+    return label
 
 
 def depth_of(job: Job) -> int | None:
@@ -214,7 +216,7 @@ def section_train(jobs: list[Job], out: Path, figures: list[str]) -> str:
         best = [1 - j.summary.get("best_test_acc", j.summary["test_acc"]) for j in js]
         med = statistics.median(errors)
         series[label].append((depth, med, min(errors), max(errors), len(errors)))
-        rows.append([label, depth, len(js), f"{100 * med:.2f}",
+        rows.append([label.replace(" | ", ", "), depth, len(js), f"{100 * med:.2f}",
                      f"{100 * min(errors):.2f}–{100 * max(errors):.2f}",
                      f"{100 * statistics.median(best):.2f}",
                      statistics.median(j.summary.get("seconds", math.nan) for j in js),
@@ -254,7 +256,7 @@ def section_gradcheck(jobs: list[Job], out: Path, figures: list[str]) -> str:
         label = series_label(j, ["method"], extra)
         lo, hi = (min(layers), max(layers)) if layers else (total, total)
         series[label].append((depth, total, lo, hi))
-        rows.append([label, depth, total, lo, hi, num(j.summary.get("rel_error")),
+        rows.append([label.replace(" | ", ", "), depth, total, lo, hi, num(j.summary.get("rel_error")),
                      num(j.summary.get("cosine"))])
     if not series:
         return ""
@@ -262,7 +264,7 @@ def section_gradcheck(jobs: list[Job], out: Path, figures: list[str]) -> str:
     from ..plots import fit_slope, plot_grad_error
     plot_grad_error(dict(series), out / "grad_error.png")
     figures.append("grad_error.png")
-    slopes = [[label, f"{fit_slope([p[0] for p in pts], [p[1] for p in pts]):+.2f}", len(pts)]
+    slopes = [[label.replace(" | ", ", "), f"{fit_slope([p[0] for p in pts], [p[1] for p in pts]):+.2f}", len(pts)]
               for label, pts in sorted(series.items())]
     return "\n".join([
         "## Gradient error vs depth (`rode gradcheck`)", "",
