@@ -11,6 +11,7 @@ import itertools
 import os
 import sys
 
+from .config import check_writable_dir
 from .errors import ConfigError, RodeError
 from .tasks import TASKS, load_task
 
@@ -81,9 +82,11 @@ def main(argv: list[str] | None = None) -> None:
     only_hydra_flags = all(f in _MULTIRUN for f in flags)   # --help, --cfg ...: let Hydra answer
     try:
         overrides = bind_positional(module, overrides)
+        if hasattr(module, "prepare_overrides"):   # the task's own command-line conveniences
+            overrides = module.prepare_overrides(overrides, multirun)
         if only_hydra_flags:
             validate_overrides(task, module, overrides, multirun)
-        _run_hydra_app(task, module, flags + overrides)
+        _run_hydra_app(task, module, flags + overrides + _worker_overrides())
     except RodeError as e:
         _die(str(e), e.exit_code, task)
     except Exception as e:  # Hydra's own composition / parse errors: still one line
@@ -97,6 +100,13 @@ def _die(message: str, code: int = 2, task: str | None = None) -> None:
     prefix = f"rode {task}" if task else "rode"
     print(f"{prefix}: error: {message}", file=sys.stderr)
     sys.exit(code)
+
+
+def _worker_overrides() -> list[str]:
+    """Under torchrun only rank 0 writes: the other processes leave no .hydra/ and no log."""
+    if int(os.environ.get("RANK", 0) or 0) == 0:
+        return []
+    return ["hydra.output_subdir=null", "hydra/job_logging=disabled"]
 
 
 def _run_hydra_app(task: str, module, argv: list[str]) -> None:
@@ -125,6 +135,8 @@ def validate_overrides(task: str, module, overrides: list[str], multirun: bool) 
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
+    from omegaconf import OmegaConf, open_dict
+    from omegaconf.errors import OmegaConfBaseException
 
     GlobalHydra.instance().clear()
     with initialize_config_module("runner.conf", version_base="1.3"):
@@ -146,12 +158,23 @@ def validate_overrides(task: str, module, overrides: list[str], multirun: bool) 
                 axes.append([f"{o.get_key_element()}={v}" for v in values])
             else:
                 axes.append([o.input_line])
+        hydra_overrides = [o.input_line for o in parsed if o.is_hydra_override()]
+        key, out_dir = ("hydra.sweep.dir" if multirun else "hydra.run.dir"), None
         for combo in _combinations(axes):
             try:
-                cfg = compose(config_name=task, overrides=list(combo))
+                cfg = compose(config_name=task, overrides=[*combo, *hydra_overrides],
+                              return_hydra_config=True)
             except HydraException as e:
                 raise ConfigError(_hydra_message(e, list(combo))) from None
+            try:
+                out_dir = out_dir or OmegaConf.select(cfg, key, default=None)
+            except OmegaConfBaseException:
+                pass   # the dir depends on a value that validate() reports as missing
+            with open_dict(cfg):
+                del cfg["hydra"]
             module.validate(cfg)
+        if out_dir is not None:   # last: a bad value elsewhere creates nothing
+            check_writable_dir(out_dir, key)
     GlobalHydra.instance().clear()
 
 

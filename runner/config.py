@@ -1,6 +1,9 @@
 """Checks that turn a bad config value into one clear line (ConfigError, exit 2)."""
 from __future__ import annotations
 
+import os
+import tempfile
+from pathlib import Path
 from typing import Iterable
 
 from .errors import ConfigError
@@ -99,3 +102,21 @@ def check_training_config(cfg) -> None:
     check_choice(cfg, "schedule", ["constant", "step", "cosine"])
     check_bool(cfg, "progress")
     check_device(cfg)
+
+
+def check_writable_dir(path, key: str = "out_dir") -> Path:
+    """ConfigError unless ``path`` is, or can be created as, a directory this process
+    can write in. Probes by creating (and removing) a temporary dir in the nearest
+    existing ancestor: permission bits alone do not tell (root, read-only mounts)."""
+    path = Path(str(path)).expanduser().absolute()
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{key}={path}: cannot create a directory there ({existing} is a file)")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".rode-probe-", dir=existing))
+    except OSError as e:
+        raise ConfigError(f"{key}={path}: cannot write there ({e.strerror or type(e).__name__} "
+                          f"in {existing})") from None
+    return path

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
+from . import checkpoint, distributed
 from .data import DataBundle, build_dataset, make_loader
 from .errors import RunFailed
 from .hooks import Hook, build_hooks
@@ -62,7 +63,9 @@ def lr_factor(schedule: str, step: int, total: int) -> float:
 
 
 @torch.no_grad()
-def evaluate(model, loader, device) -> tuple[float, float]:
+def evaluate(model, loader, device, dist: distributed.Dist | None = None) -> tuple[float, float]:
+    """(mean loss, accuracy) over ``loader``; summed over processes when ``dist`` is given
+    and each process holds a share of the data."""
     model.eval()
     total_loss, correct, count = 0.0, 0, 0
     for x, y in loader:
@@ -71,6 +74,8 @@ def evaluate(model, loader, device) -> tuple[float, float]:
         total_loss += F.cross_entropy(logits, y, reduction="sum").item()
         correct += (logits.argmax(1) == y).sum().item()
         count += len(y)
+    if dist is not None:
+        total_loss, correct, count = dist.sum([total_loss, correct, count], device)
     return total_loss / count, correct / count
 
 
@@ -109,6 +114,7 @@ class Run:
     epoch: int = 0
     step: int = 0
     last_loss: float = float("nan")
+    is_main: bool = True            # the process that writes (all but one skip it under DDP)
     metrics_path: Path = field(init=False)
 
     def __post_init__(self):
@@ -116,6 +122,8 @@ class Run:
 
     def log(self, hook: str | None, record: dict) -> None:
         """Append one JSON line to metrics.jsonl (flushed at once: a crash loses nothing)."""
+        if not self.is_main:
+            return
         line = {"hook": hook, "epoch": self.epoch, "step": self.step, **record} if hook else record
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(line) + "\n")
@@ -132,14 +140,26 @@ def _config_dict(cfg) -> dict:
 
 # -------------------------------------------------------------------- train
 def train(cfg, hooks: list[Hook] | None = None, *, model: torch.nn.Module | None = None,
-          data: DataBundle | None = None) -> dict:
+          data: DataBundle | None = None, resume: dict | None = None) -> dict:
     """Train the model ``cfg`` describes; write metrics.jsonl, checkpoint.pt and
     summary.json into ``cfg.out_dir``. Returns the summary. ``model`` and ``data``,
-    when given, are used instead of building them from ``cfg`` (e.g. fine-tuning)."""
+    when given, are used instead of building them from ``cfg`` (e.g. fine-tuning).
+    ``resume``: a checkpoint (runner.checkpoint.load) to continue from.
+
+    Under torchrun each process trains a share of every batch (DistributedDataParallel);
+    only rank 0 writes. SIGTERM/SIGINT: checkpoint at the end of the step, then stop."""
+    dist, device = distributed.setup(resolve_device(cfg.device))
+    try:
+        with checkpoint.StopSignals() as stop:
+            return _train(cfg, hooks, model, data, resume, dist, device, stop)
+    finally:
+        dist.close()
+
+
+def _train(cfg, hooks, model, data, resume, dist, device, stop) -> dict:
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -150,85 +170,134 @@ def train(cfg, hooks: list[Hook] | None = None, *, model: torch.nn.Module | None
     optimizer = build_optimizer(cfg, model)
     workers = int(cfg.dataset.get("num_workers", 0) or 0)
     pin = device.type == "cuda"
-    train_loader = make_loader(data.train, cfg.batch_size, shuffle=True, seed=cfg.seed,
-                               num_workers=workers, pin_memory=pin)
-    test_loader = make_loader(data.test, 1024, shuffle=False, seed=cfg.seed,
-                              num_workers=workers, pin_memory=pin)
+    # batch_size is the global batch: each of the world_size processes takes its share.
+    train_loader = distributed.loader(data.train, cfg.batch_size // dist.world_size, dist,
+                                      shuffle=True, seed=cfg.seed, num_workers=workers,
+                                      pin_memory=pin)
+    test_loader = distributed.loader(data.test, 1024, dist, shuffle=False, seed=cfg.seed,
+                                     num_workers=workers, pin_memory=pin)
     autocast, scaler = mixed_precision(bool(cfg.get("amp", False)), device)
     total_steps = cfg.epochs * len(train_loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(cfg.schedule, s, total_steps))
 
-    run = Run(cfg, out_dir, model, optimizer, data, device)
-    run.metrics_path.write_text("")          # a fresh run owns its metrics file
-    hooks = build_hooks(cfg.get("hooks")) if hooks is None else hooks
-    show_progress = bool(cfg.progress) and sys.stdout.isatty()
-    best_acc, start = 0.0, time.perf_counter()
+    # Where training starts: from scratch, or exactly where the checkpoint left off.
+    progress = checkpoint.Progress()
+    if resume is not None:
+        progress = checkpoint.restore(resume, model, optimizer, scheduler, scaler,
+                                      f"resume={out_dir}")
+    net = dist.wrap(model, device)           # what trains: DDP over the processes, or the model
+    run = Run(cfg, out_dir, model, optimizer, data, device, step=progress.step,
+              is_main=dist.is_main)
+    # Measurements run once, in the process that writes.
+    hooks = (build_hooks(cfg.get("hooks")) if hooks is None else hooks) if dist.is_main else []
+    if resume is None and run.is_main:
+        run.metrics_path.write_text("")      # a fresh run owns its metrics file
+    show_progress = bool(cfg.progress) and sys.stdout.isatty() and dist.is_main
+    start = time.perf_counter()
+
+    def seconds() -> float:                  # training time, across resumes
+        return round(progress.seconds + time.perf_counter() - start, 3)
+
+    def save() -> None:
+        if dist.is_main:
+            checkpoint.save(checkpoint.training_state(model, optimizer, scheduler, scaler,
+                                                      progress, _config_dict(cfg), seconds()),
+                            out_dir / checkpoint.FILENAME)
+
     for hook in hooks:
         hook.on_train_start(run)
+    if resume is not None:
+        checkpoint.set_rng_state(resume["rng"])
+        run.log(None, {"event": "resumed", "epoch": progress.epoch, "step": progress.step})
 
-    for epoch in range(1, cfg.epochs + 1):
+    for epoch in range(progress.epoch, cfg.epochs + 1):
         run.epoch = epoch
-        # ---- train one epoch
-        model.train()
-        loss_sum, seen = 0.0, 0
+        # ---- train one epoch (a resumed one from the batch it had reached)
+        net.train()
+        distributed.start_epoch(train_loader, epoch, progress.batch)
         bar = tqdm(train_loader, desc=f"epoch {epoch}/{cfg.epochs}", leave=False,
-                   disable=not show_progress, dynamic_ncols=True)
+                   disable=not show_progress, dynamic_ncols=True, initial=progress.batch,
+                   total=progress.batch + len(train_loader))
         for x, y in bar:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with autocast():
-                loss = F.cross_entropy(model(x), y)
-            if not torch.isfinite(loss):
-                _fail(run, f"loss became {loss.item()} at epoch {epoch}, step {run.step + 1}; "
-                      f"try a smaller lr (lr={cfg.lr})", start)
+                loss = F.cross_entropy(net(x), y)
+            # One collective per step: the loss over every process's share of the
+            # batch, and whether any process was told to stop.
+            loss_sum, n, stopping = dist.sum([loss.item() * len(y), len(y),
+                                              float(stop.requested)], device)
+            if not math.isfinite(loss_sum):
+                _fail(run, f"loss became {loss_sum / n} at epoch {epoch}, step {run.step + 1}; "
+                      f"try a smaller lr (lr={cfg.lr})", seconds())
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
-            run.step += 1
-            run.last_loss = loss.item()
-            loss_sum += run.last_loss * len(y)
-            seen += len(y)
+            run.step = progress.step = run.step + 1
+            progress.batch += 1
+            run.last_loss = loss_sum / n
+            progress.loss_sum += loss_sum
+            progress.seen += int(n)
             bar.set_postfix(loss=f"{run.last_loss:.4f}")
             for hook in hooks:
                 hook.on_step_end(run)
+            if stopping or (stop.requested and not dist.enabled):   # keep this step, stop
+                save()
+                _interrupt(run, stop, dist, device, seconds())
         bar.close()
 
         # ---- evaluate, log, checkpoint
         with autocast():
-            test_loss, test_acc = evaluate(model, test_loader, device)
-        best_acc = max(best_acc, test_acc)
-        record = {"epoch": epoch, "step": run.step, "train_loss": loss_sum / seen,
+            test_loss, test_acc = evaluate(model, test_loader, device, dist)
+        progress.best_acc = max(progress.best_acc, test_acc)
+        record = {"epoch": epoch, "step": run.step, "train_loss": progress.loss_sum / progress.seen,
                   "test_loss": test_loss, "test_acc": test_acc,
-                  "lr": optimizer.param_groups[0]["lr"],
-                  "seconds": round(time.perf_counter() - start, 3)}
+                  "lr": optimizer.param_groups[0]["lr"], "seconds": seconds()}
         run.log(None, record)
-        log.info("epoch %d/%d  train_loss %.4f  test_loss %.4f  test_acc %.4f",
-                 epoch, cfg.epochs, record["train_loss"], test_loss, test_acc)
-        atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                           "scheduler": scheduler.state_dict(), "epoch": epoch,
-                           "step": run.step, "config": _config_dict(cfg)},
-                          out_dir / "checkpoint.pt")
+        if dist.is_main:
+            log.info("epoch %d/%d  train_loss %.4f  test_loss %.4f  test_acc %.4f",
+                     epoch, cfg.epochs, record["train_loss"], test_loss, test_acc)
+        progress.next_epoch()
+        save()
         for hook in hooks:
             hook.on_epoch_end(run)
+        if dist.sum([float(stop.requested)], device)[0]:   # told to stop while evaluating
+            _interrupt(run, stop, dist, device, seconds())
 
     for hook in hooks:
         hook.on_train_end(run)
     peak, peak_kind = peak_memory(device)
-    summary = {"status": "completed", "test_acc": test_acc, "best_test_acc": best_acc,
+    summary = {"status": "completed", "test_acc": test_acc, "best_test_acc": progress.best_acc,
                "test_loss": test_loss, "train_loss": record["train_loss"],
-               "seconds": round(time.perf_counter() - start, 3), "steps": run.step,
+               "seconds": seconds(), "steps": run.step,
                "epochs": cfg.epochs, "peak_memory_bytes": peak, "peak_memory_kind": peak_kind,
-               "device": str(device), "config": _config_dict(cfg)}
-    write_json(summary, out_dir / "summary.json")
+               "device": str(device), "world_size": dist.world_size,
+               "config": _config_dict(cfg)}
+    if dist.enabled:   # DDP keeps the replicas equal; say so, measured
+        summary["rank_param_max_diff"] = distributed.max_param_divergence(model, dist)
+    if dist.is_main:
+        write_json(summary, out_dir / "summary.json")
     return summary
 
 
-def _fail(run: Run, message: str, start: float) -> None:
+def _fail(run: Run, message: str, seconds: float) -> None:
     """Write what the run had, then stop it: the last good checkpoint stays as it was."""
     run.log(None, {"event": "failed", "epoch": run.epoch, "step": run.step, "error": message})
-    write_json({"status": "failed", "error": message, "epoch": run.epoch, "steps": run.step,
-                "seconds": round(time.perf_counter() - start, 3),
-                "config": _config_dict(run.cfg)}, run.out_dir / "summary.json")
+    if run.is_main:
+        write_json({"status": "failed", "error": message, "epoch": run.epoch, "steps": run.step,
+                    "seconds": seconds, "config": _config_dict(run.cfg)},
+                   run.out_dir / "summary.json")
     raise RunFailed(f"{message} (run dir: {run.out_dir})")
+
+
+def _interrupt(run: Run, stop, dist, device, seconds: float) -> None:
+    """Stop after a signal, the checkpoint written. No summary.json: the run is not over."""
+    run.log(None, {"event": "interrupted", "signal": stop.name or "SIGTERM", "epoch": run.epoch,
+                   "step": run.step, "seconds": seconds})
+    dist.barrier()                           # rank 0 has finished writing the checkpoint
+    raise checkpoint.Interrupted(
+        f"stopped by {stop.name or 'a signal on another process'} at epoch {run.epoch}, "
+        f"step {run.step}; checkpoint saved, continue with: rode train resume={run.out_dir}",
+        stop.signum or 15)
