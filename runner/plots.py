@@ -48,8 +48,13 @@ def _depth_axis(ax, depths) -> None:
 
 
 def _save(fig, path: Path) -> Path:
+    from PIL import Image
+
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
+    fig.canvas.draw()
+    # A 256-colour palette: line plots lose nothing visible and the file is ~4x smaller.
+    image = Image.fromarray(np.asarray(fig.canvas.buffer_rgba())).convert("RGB")
+    image.quantize(256, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
     plt.close(fig)
     return Path(path)
 

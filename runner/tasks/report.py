@@ -178,6 +178,20 @@ def series_label(job: Job, first: list[str], extra: list[str]) -> str:
     return label
 
 
+def figure_suffixes(jobs: list[Job]) -> list[str]:
+    """'' for one job; else what tells the jobs apart ('_init-iid'), or their index."""
+    if len(jobs) == 1:
+        return [""]
+    keys = factors(jobs, exclude={"out_dir", "progress"})
+    names = []
+    for k, j in enumerate(jobs):
+        flat = flatten(j.config)
+        words = [f"{key.split('.')[-1]}-{flat.get(key)}" for key in keys]
+        slug = "_".join(words).replace("/", "-").replace(" ", "")
+        names.append("_" + slug if keys and len(slug) <= 60 else f"_{k}")
+    return names if len(set(names)) == len(names) else [f"_{k}" for k in range(len(jobs))]
+
+
 def depth_of(job: Job) -> int | None:
     d = job.summary.get("depth", job.config.get("depth"))
     return int(d) if isinstance(d, (int, float)) and not isinstance(d, bool) else None
@@ -332,8 +346,8 @@ def section_discretization(jobs: list[Job], out: Path, figures: list[str]) -> st
     text = ["## Discretization error vs depth (`rode discretization`)", "",
             "||x_N - x(1)|| / ||x(1)||: the ResNet with θ_n = θ(n/N) against the Neural ODE "
             "(exact for the linear case with constant weights, fine RK4 otherwise)."]
-    for k, (job, rows) in enumerate(found):
-        name = "discretization.png" if len(found) == 1 else f"discretization_{k}.png"
+    for (job, rows), suffix in zip(found, figure_suffixes([j for j, _ in found])):
+        name = f"discretization{suffix}.png"
         plot_discretization(rows, out / name)
         figures.append(name)
         groups = defaultdict(list)
@@ -360,8 +374,7 @@ def section_linear(jobs: list[Job], out: Path, figures: list[str]) -> str:
     import numpy as np
     from ..plots import plot_linear_increments, plot_linear_weights
     text = ["## Linear ResNets: weights along depth during training (`rode linear`)", ""]
-    for k, (job, rows) in enumerate(found):
-        suffix = "" if len(found) == 1 else f"_{k}"
+    for (job, rows), suffix in zip(found, figure_suffixes([j for j, _ in found])):
         inc_name, w_name = f"linear_increments{suffix}.png", f"linear_weights{suffix}.png"
         plot_linear_increments(rows, out / inc_name)
         figures.append(inc_name)
