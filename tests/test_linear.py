@@ -1,9 +1,6 @@
 """rode linear: from a smooth start, trained linear ResNets keep weights smooth in depth."""
 import csv
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,16 +8,11 @@ import pytest
 from conftest import compose_config
 
 
-def rode(*args, cwd):
-    exe = Path(sys.executable).with_name("rode")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "runner"]
-    return subprocess.run(cmd + list(args), cwd=cwd, capture_output=True, text=True, timeout=300)
-
-
 def test_smooth_start_keeps_increments_order_one_over_n(tmp_path):
-    out = rode("linear", "depths=[4,8,16,32]", "steps=60", "log_every=3", "snapshots=[0,5]",
-               "progress=false", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
-    assert out.returncode == 0, out.stderr
+    from runner.cli import main
+
+    main(["linear", "depths=[4,8,16,32]", "steps=60", "log_every=3", "snapshots=[0,5]",
+          "progress=false", f"hydra.run.dir={tmp_path}"])   # the `rode` dispatcher, in-process
     summary = json.loads((tmp_path / "summary.json").read_text())
     per = {p["depth"]: p for p in summary["per_depth"]}
     assert sorted(per) == [4, 8, 16, 32]
