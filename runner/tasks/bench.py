@@ -30,6 +30,7 @@ import math
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -181,8 +182,19 @@ def _serve() -> None:
     line, measures :func:`peak_of_step` in a child forked for it, answers one JSON
     line. Forking from here is cheap (torch is imported) and safe (no torch
     thread has started in this process)."""
+    import importlib
     import os
 
+    # Import once here what is otherwise imported lazily in each child (autograd.grad
+    # pulls in symbolic_shapes on its first call: most of a second).
+    for module in ["torch.fx.experimental.symbolic_shapes", "torch.utils.checkpoint",
+                   "torchdiffeq", "memcnn"]:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                importlib.import_module(module)
+        except ImportError:
+            pass
     answers = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)   # whatever else gets printed goes to stderr
     for line in sys.stdin:
