@@ -257,6 +257,10 @@ class _AdjointFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, mode, stack, seed, *params):
         ctx.mode, ctx.stack, ctx.seed, ctx.params = mode, stack, seed, params
+        # Recompute under the same autocast as the forward pass (amp=true).
+        device = x.device.type
+        ctx.autocast = dict(device_type=device, enabled=torch.is_autocast_enabled(device),
+                            dtype=torch.get_autocast_dtype(device))
         y = mode.forward_pass(stack, x, seed)   # grad is off inside Function.forward
         ctx.save_for_backward(y)                # the only activation kept
         return y
@@ -265,7 +269,8 @@ class _AdjointFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out):
         (y,) = ctx.saved_tensors
-        g, grads = ctx.mode.backward_pass(ctx.stack, y, grad_out, ctx.seed, ctx.params)
+        with torch.autocast(**ctx.autocast):
+            g, grads = ctx.mode.backward_pass(ctx.stack, y, grad_out, ctx.seed, ctx.params)
         return (g, None, None, None, *grads)
 
 

@@ -11,8 +11,8 @@ RODE = [sys.executable, "-m", "runner"]
 
 @pytest.fixture(autouse=True, scope="session")
 def _threads():
-    # The CI machine has 2 cores; more threads than that only add contention.
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    # Tiny models: one thread is faster than two and does not fight other processes.
+    torch.set_num_threads(1)
 
 
 def compose_config(task: str, overrides: list[str], out_dir) -> "DictConfig":

@@ -55,11 +55,6 @@ def check_amp(cfg) -> None:
     if resolve_device(cfg.device).type != "cuda":
         raise ConfigError(f"amp=true needs a CUDA device (device={cfg.device} gives "
                           f"{resolve_device(cfg.device)}); set amp=false")
-    if cfg.grad == "adjoint":
-        # The adjoint's backward pass recomputes steps outside autocast, in float32,
-        # on the float16 activations: it fails (see docs/datasets.md).
-        raise ConfigError("amp=true does not work with grad=adjoint yet; use grad=backprop "
-                          "or amp=false")
 
 
 def validate_resume(cfg) -> None:
@@ -70,6 +65,7 @@ def validate_resume(cfg) -> None:
     job = resume_config(cfg, ckpt)
     job.resume = None
     validate(job)                          # the run's own config, on this machine
+    checkpoint.check_rebuilds(ckpt, job, f"resume={cfg.resume}")
     if ckpt["progress"]["epoch"] > job.epochs:
         raise ConfigError(f"resume={cfg.resume}: the run already finished its {job.epochs} "
                           f"epochs; nothing to resume")
