@@ -33,8 +33,23 @@ class Integrator:
         raise NotImplementedError
 
     def reverse(self, call: Call, n: int, y: torch.Tensor, h: float) -> torch.Tensor:
-        """The same scheme run with step -h: an approximate inverse of ``step``."""
+        """The same scheme run with step -h: an approximate inverse of ``step``
+        (the exact inverse, up to rounding, where ``exact_reverse`` is true)."""
         raise NotImplementedError
+
+    exact_reverse = False   # reverse(step(x)) == x in exact arithmetic
+
+    # The state the steps carry. Plain schemes carry x itself; schemes with an
+    # augmented state (a velocity, an auxiliary copy) stack their parts along a
+    # new leading dimension, so that any input shape works and the gradient modes
+    # only ever see one tensor.
+    def init_state(self, x: torch.Tensor) -> torch.Tensor:
+        """x -> the state the first step takes."""
+        return x
+
+    def output(self, state: torch.Tensor) -> torch.Tensor:
+        """A state -> the x it stands for."""
+        return state
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -86,7 +101,120 @@ class Heun(Integrator):
         return y - (0.5 * h) * (k1 + k2)
 
 
-INTEGRATORS: dict[str, type[Integrator]] = {"euler": Euler, "heun": Heun}
+class ReversibleHeun(Integrator):
+    """The reversible Heun method (Kidger, Foster, Li, Lyons 2021, "Efficient and
+    accurate gradients for neural SDEs"), here for the ODE dx/dt = f(x, θ(t)).
+
+    The state is (y, z, f(z)): the solution y, an auxiliary copy z, and the last
+    evaluation cached. With z_0 = y_0 = x and f_n = f(·, θ_n)::
+
+        z_{n+1} = 2 y_n - z_n + h f_n(z_n)
+        y_{n+1} = y_n + h/2 (f_n(z_n) + f_{n+1}(z_{n+1}))
+
+    Like Heun, step n uses θ_n and θ_{n+1}: N functions, N-1 steps. One new
+    evaluation per step, f_{n+1}(z_{n+1}) (step 0 also evaluates f_0(z_0)), half
+    of Heun's two. Its inverse is algebraic, with one evaluation::
+
+        z_n = 2 y_{n+1} - z_{n+1} - h f_{n+1}(z_{n+1})
+        y_n = y_{n+1} - h/2 (f_n(z_n) + f_{n+1}(z_{n+1}))
+
+    so the adjoint rebuilds every state exactly, up to rounding, whatever the
+    weights: its gradient is backprop's. Second order on problems smooth in depth.
+    Not Heun's method: y and z may drift apart (an oscillating mode ±1 per step),
+    which is harmless when f is smooth.
+    """
+
+    name = "rev_heun"
+    order = 2
+    min_functions = 2
+    exact_reverse = True
+
+    def num_steps(self, num_functions):
+        return num_functions - 1
+
+    def functions_of_step(self, n):
+        return (n, n + 1)
+
+    def init_state(self, x):
+        # (y_0, z_0); the first step evaluates f_0(z_0) and adds the cache.
+        return torch.stack([x, x])
+
+    def output(self, state):
+        return state[0]
+
+    def step(self, call, n, s, h):
+        y, z = s[0], s[1]
+        fz = call(n, z) if n == 0 else s[2]
+        z_next = 2 * y - z + h * fz
+        fz_next = call(n + 1, z_next)
+        y_next = y + (0.5 * h) * (fz + fz_next)
+        return torch.stack([y_next, z_next, fz_next])
+
+    def reverse(self, call, n, s, h):
+        y_next, z_next, fz_next = s[0], s[1], s[2]
+        z = 2 * y_next - z_next - h * fz_next
+        fz = call(n, z)
+        y = y_next - (0.5 * h) * (fz + fz_next)
+        return torch.stack([y, z]) if n == 0 else torch.stack([y, z, fz])
+
+
+class Momentum(Integrator):
+    """Momentum ResNets (Sander, Ablin, Blondel, Peyré 2021). State (x, v), v_0 = 0::
+
+        v_{n+1} = γ v_n + (1 - γ) f_n(x_n)
+        x_{n+1} = x_n + h v_{n+1}
+
+    the discretization, with step h, of ε ẍ + ẋ = f(x, θ(t)) with ε = h / (1 - γ):
+    for a fixed γ, ε shrinks with the step and the network tends to the Neural ODE
+    dx/dt = f (first order). One evaluation per step, N functions, N steps. The
+    inverse is algebraic (one evaluation)::
+
+        x_n = x_{n+1} - h v_{n+1}
+        v_n = (v_{n+1} - (1 - γ) f_n(x_n)) / γ
+
+    but in floating point each backward step divides the rounding error of v by
+    γ: it grows like γ^(-N). Keep γ^(-N) well below 1/eps (float64: 1e16), e.g.
+    γ >= 1 - c/N.
+
+    Args:
+        gamma: the momentum factor γ in (0, 1); 0.9 by default.
+    """
+
+    name = "momentum"
+    order = 1
+    exact_reverse = True
+
+    def __init__(self, gamma: float = 0.9):
+        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 < gamma < 1:
+            raise ValueError(f"momentum gamma={gamma!r} must be a number in (0, 1)")
+        self.gamma = float(gamma)
+
+    def __repr__(self):
+        return f"Momentum(gamma={self.gamma:g})"
+
+    def functions_of_step(self, n):
+        return (n,)
+
+    def init_state(self, x):
+        return torch.stack([x, torch.zeros_like(x)])
+
+    def output(self, state):
+        return state[0]
+
+    def step(self, call, n, s, h):
+        x, v = s[0], s[1]
+        v_next = self.gamma * v + (1 - self.gamma) * call(n, x)
+        return torch.stack([x + h * v_next, v_next])
+
+    def reverse(self, call, n, s, h):
+        x_next, v_next = s[0], s[1]
+        x = x_next - h * v_next
+        v = (v_next - (1 - self.gamma) * call(n, x)) / self.gamma
+        return torch.stack([x, v])
+
+
+INTEGRATORS: dict[str, type[Integrator]] = {"euler": Euler, "heun": Heun,
+                                            "rev_heun": ReversibleHeun, "momentum": Momentum}
 
 
 def get_integrator(method: str | Integrator) -> Integrator:

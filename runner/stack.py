@@ -15,12 +15,15 @@ _Dropout = nn.modules.dropout._DropoutNd
 
 
 class ResidualStack(nn.Module):
-    """A ResNet seen as an ODE solver: x_{n+1} = x_n + h f_n(x_n) (Euler) or Heun.
+    """A ResNet seen as an ODE solver: x_{n+1} = x_n + h f_n(x_n) (Euler), Heun, or
+    an exactly invertible scheme (reversible Heun, momentum).
 
     Args:
         functions: the residual functions, one per layer. Repeating the same
             module means tied weights (parameters are shared, not copied).
-        method: ``"euler"``, ``"heun"``, or an :class:`Integrator`.
+        method: ``"euler"``, ``"heun"``, ``"rev_heun"`` (reversible Heun: the
+            adjoint's gradient is exact), ``"momentum"`` (momentum ResNet,
+            γ = 0.9; ``Momentum(gamma=...)`` for another), or an :class:`Integrator`.
         grad: ``"backprop"`` (store every activation) or ``"adjoint"`` (store only
             the output; rebuild activations backward in the backward pass), or a
             :class:`GradMode` instance (e.g. with options).
@@ -53,6 +56,7 @@ class ResidualStack(nn.Module):
         self.functions = nn.ModuleList(functions)
         self.step_size = 1.0 / len(functions) if step_size is None else float(step_size)
         self.preserve_rng = preserve_rng
+        self._roundtrip: torch.Tensor | None = None   # set by Adjoint's self-check
 
     # ----------------------------------------------------------------- basics
     @property
@@ -68,7 +72,18 @@ class ResidualStack(nn.Module):
                 f"grad={self.grad_mode.name}, step_size={self.step_size:g}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.grad_mode(self, x)
+        # The grad modes see one state tensor: x itself, or an augmented state
+        # (rev_heun, momentum) that autograd maps to and from x outside them.
+        integrator = self.integrator
+        return integrator.output(self.grad_mode(self, integrator.init_state(x)))
+
+    @property
+    def last_roundtrip_error(self) -> float | None:
+        """||x̃_0 - x_0|| / ||x_0|| measured by the adjoint's self-check at the last
+        backward pass (x̃_0 rebuilt backward from the output; with anchors, the
+        largest such error over the segments), or None when not measured."""
+        value = self._roundtrip
+        return None if value is None else float(value)
 
     # ------------------------------------------------- one step, two directions
     def new_pass_seed(self) -> int | None:
@@ -97,7 +112,7 @@ class ResidualStack(nn.Module):
         return call
 
     def step(self, n: int, x: torch.Tensor, seed: int | None = None) -> torch.Tensor:
-        """x_n -> x_{n+1}."""
+        """x_n -> x_{n+1} (states: see :meth:`Integrator.init_state`)."""
         return self.integrator.step(self.caller(n, seed), n, x, self.step_size)
 
     def reverse_step(self, n: int, y: torch.Tensor, seed: int | None = None) -> torch.Tensor:
@@ -130,15 +145,17 @@ class ResidualStack(nn.Module):
     # ------------------------------------------------------------ measurement
     @torch.no_grad()
     def trajectory(self, x: torch.Tensor, seed: int | None = None) -> list[torch.Tensor]:
-        """All states x_0 .. x_S of the forward pass (S = num_steps)."""
-        states = [x]
+        """All states x_0 .. x_S of the forward pass from the input x (S = num_steps).
+        For rev_heun and momentum these are the augmented states;
+        ``integrator.output(state)`` gives x."""
+        states = [self.integrator.init_state(x)]
         for n in range(self.num_steps):
             states.append(self.step(n, states[-1], seed))
         return states
 
     @torch.no_grad()
     def rebuild(self, y: torch.Tensor, seed: int | None = None) -> list[torch.Tensor]:
-        """States rebuilt backward from the output, as the adjoint does: x̃_0 .. x̃_S."""
+        """States rebuilt backward from the last state y, as the adjoint does: x̃_0 .. x̃_S."""
         states = [y]
         with self.recomputing():
             for n in reversed(range(self.num_steps)):
