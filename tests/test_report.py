@@ -30,7 +30,7 @@ def write_job(path: Path, task: str, config: dict, files: dict, overrides=()) ->
 
 def fixture_jobs(sweep: Path) -> None:
     """gradcheck at three depths (error 0.3/N: slope -1), a memory table, a bench table,
-    a failed and an unfinished job."""
+    a fine-tuning summary, a failed and an unfinished job."""
     for n in (4, 8, 16):
         layers = [{"layer": i, "rel_error": 0.3 / n * (1 + i / n), "cosine": 1.0} for i in range(n)]
         write_job(sweep / f"grad/depth={n}", "gradcheck", {"depth": n, "method": "euler"}, {
@@ -49,6 +49,10 @@ def fixture_jobs(sweep: Path) -> None:
              for n in (16, 64) for c in ("backprop", "adjoint")]
     write_job(sweep / "bench", "bench", {}, {"bench.csv": bench,
                                              "bench.json": {"notes": ["memcnn not installed"]}})
+    write_job(sweep / "tuned", "finetune", {"depth": 16, "grad": "adjoint"}, {"summary.json": {
+        "status": "completed", "test_acc": 0.9, "acc_before": 0.8, "acc_untied": 0.8,
+        "acc_after": 0.9, "depth_before": [8], "depth_after": [16], "grad": "adjoint",
+        "stack_saved_bytes_backprop": 262144, "stack_saved_bytes_adjoint": 8192}})
     write_job(sweep / "diverged", "train", {"depth": 8, "method": "euler", "grad": "adjoint"},
               {"summary.json": {"status": "failed", "error": "loss became nan at epoch 1"}})
     write_job(sweep / "killed", "train", {"depth": 16, "method": "heun", "grad": "adjoint"}, {})
@@ -80,6 +84,7 @@ def test_report_on_a_real_train_sweep_with_other_tasks_fixtures(tmp_path, capsys
     assert "| euler | -1.00 | 3 |" in grad
     assert "## Memory vs depth" in report and "## Benchmark" in report
     assert "memcnn not installed" in report
+    assert "| `tuned` | 8 | 16 | adjoint | 80.00 | 80.00 | 90.00 | 256.0 KiB | 8.0 KiB |" in report
     for name in ("test_error.png", "grad_error.png", "memory.png", "bench.png"):
         assert (sweep / name).read_bytes()[:8] == PNG, name
         assert f"]({name})" in report

@@ -414,8 +414,9 @@ def section_finetune(jobs: list[Job], out: Path, figures: list[str]) -> str:
     for j in done:
         s = j.summary
         grad = s.get("grad", "")
-        body.append([f"`{j.name}`", s.get("depth_before"), s.get("depth_after"), grad,
-                     f"{100 * s['acc_before']:.2f}", f"{100 * s.get('acc_refined', math.nan):.2f}",
+        untied = s.get("acc_untied", s.get("acc_refined", math.nan))
+        body.append([f"`{j.name}`", _depths(s.get("depth_before")), _depths(s.get("depth_after")),
+                     grad, f"{100 * s['acc_before']:.2f}", f"{100 * untied:.2f}",
                      f"{100 * s.get('acc_after', s.get('test_acc', math.nan)):.2f}",
                      size(s.get("stack_saved_bytes_backprop")),
                      size(s.get(f"stack_saved_bytes_{grad}"))])
@@ -423,6 +424,10 @@ def section_finetune(jobs: list[Job], out: Path, figures: list[str]) -> str:
         "## Fine-tuning untied models (`rode finetune`)", "",
         table(["job", "depth before", "depth after", "grad", "acc before %", "untied %",
                "after %", "stack activations (backprop)", "stack activations (this grad)"], body)])
+
+
+def _depths(value) -> str:
+    return ", ".join(map(str, value)) if isinstance(value, list) else fmt(value)
 
 
 def section_all_jobs(jobs: list[Job]) -> str:
