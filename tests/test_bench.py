@@ -212,3 +212,24 @@ def test_shared_vjp_frees_each_step_graph():
         return peak[0]
 
     assert peak_saved(32) == peak_saved(4) > 0
+
+
+def test_target_experiment_composes_and_script_parses():
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    from runner.tasks import bench
+
+    GlobalHydra.instance().clear()
+    with initialize_config_module("runner.conf", version_base="1.3"):
+        cfg = compose("bench", ["+experiment=bench", "out_dir=unused"])
+        full = compose("bench", ["+experiment=bench_full", "out_dir=unused"])
+    GlobalHydra.instance().clear()
+    bench.validate(cfg)
+    assert (cfg.width, cfg.batch, cfg.init, max(cfg.depths)) == (256, 1024, "tied", 1024)
+    assert cfg.device == "cpu" and full.device == "cuda"
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench.sh"
+    assert script.read_text().startswith("#!/usr/bin/env bash\n# ")
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
