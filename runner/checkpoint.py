@@ -107,10 +107,12 @@ class Progress:
 
 
 def training_state(model, optimizer, scheduler, scaler, progress: Progress, config: dict,
-                   seconds: float) -> dict:
+                   seconds: float, data) -> dict:
     """Everything a run needs to continue exactly where it is (see :func:`restore`),
-    after ``seconds`` of training. ``epoch`` is the last epoch completed."""
+    after ``seconds`` of training. ``epoch`` is the last epoch completed; ``data``
+    (its input shape and classes) lets a model be rebuilt without loading the data."""
     return {"format": FORMAT, "version": VERSION, "model": model.state_dict(),
+            "data": {"input_shape": list(data.input_shape), "num_classes": data.num_classes},
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(), "epoch": progress.epoch - 1, "step": progress.step,
             "progress": {**asdict(progress), "seconds": seconds}, "rng": rng_state(),
@@ -193,3 +195,27 @@ class StopSignals:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
         self._previous.clear()
+
+
+def check_rebuilds(ckpt: dict, config, what: str) -> None:
+    """ConfigError unless the model ``config`` describes (built on the meta device:
+    no memory, no data) fits the checkpoint's weights."""
+    from omegaconf import OmegaConf
+
+    from .models import build_model
+
+    shapes = ckpt.get("data")
+    if not shapes:
+        return
+    config = OmegaConf.create(OmegaConf.to_container(config))
+    if config.get("model", {}).get("weights"):
+        config.model.weights = None   # the checkpoint holds the weights
+    try:
+        with torch.device("meta"):
+            model = build_model(config, tuple(shapes["input_shape"]), shapes["num_classes"])
+    except ConfigError:
+        raise
+    except Exception as e:
+        raise ConfigError(f"{what}: its config does not build a model ({type(e).__name__}: {e})"
+                          ) from None
+    check_architecture(model, ckpt["model"], what)

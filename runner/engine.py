@@ -202,7 +202,8 @@ def _train(cfg, hooks, model, data, resume, dist, device, stop) -> dict:
     def save() -> None:
         if dist.is_main:
             checkpoint.save(checkpoint.training_state(model, optimizer, scheduler, scaler,
-                                                      progress, _config_dict(cfg), seconds()),
+                                                      progress, _config_dict(cfg), seconds(),
+                                                      data),
                             out_dir / checkpoint.FILENAME)
 
     for hook in hooks:
