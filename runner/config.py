@@ -79,10 +79,11 @@ def check_model_config(cfg) -> None:
     """The knobs every task that builds a ResidualStack model shares."""
     from .gradmodes import GRAD_MODES
     from .integrators import INTEGRATORS
-    from .models import INITS
+    from .models import INITS, grad_mode_from_config
 
     method = check_choice(cfg, "method", INTEGRATORS)
     check_choice(cfg, "grad", GRAD_MODES)
+    grad_mode_from_config(cfg)   # a bad option of that grad mode (adjoint.vjp=...): one line
     check_choice(cfg, "init", INITS)
     low = INTEGRATORS[method].min_functions
     depth = check_int(cfg, "depth", 1, MAX_DEPTH)

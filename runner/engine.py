@@ -22,6 +22,7 @@ from .data import DataBundle, build_dataset, make_loader
 from .errors import RunFailed
 from .hooks import Hook, build_hooks
 from .models import build_model
+from .stack import roundtrip_error
 
 log = logging.getLogger("rode")
 
@@ -256,6 +257,9 @@ def _train(cfg, hooks, model, data, resume, dist, device, stop) -> dict:
         record = {"epoch": epoch, "step": run.step, "train_loss": progress.loss_sum / progress.seen,
                   "test_loss": test_loss, "test_acc": test_acc,
                   "lr": optimizer.param_groups[0]["lr"], "seconds": seconds()}
+        roundtrip = roundtrip_error(model)   # the adjoint's self-check, at the last step
+        if roundtrip is not None:
+            record["roundtrip_error"] = roundtrip
         run.log(None, record)
         if dist.is_main:
             log.info("epoch %d/%d  train_loss %.4f  test_loss %.4f  test_acc %.4f",

@@ -161,3 +161,11 @@ class ResidualStack(nn.Module):
             for n in reversed(range(self.num_steps)):
                 states.append(self.reverse_step(n, states[-1], seed))
         return states[::-1]
+
+
+def roundtrip_error(model: nn.Module) -> float | None:
+    """The largest ``last_roundtrip_error`` over the ResidualStacks of ``model``
+    (None when none was measured: the self-check is off, or no backward pass yet)."""
+    values = [m.last_roundtrip_error for m in model.modules() if isinstance(m, ResidualStack)]
+    values = [v for v in values if v is not None]
+    return max(values) if values else None
