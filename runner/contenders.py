@@ -60,9 +60,13 @@ class Contender:
         return f"{type(self).__name__}()"
 
 
+EVERY_METHOD = ("euler", "heun", "rev_heun", "momentum")
+
+
 class BackpropContender(Contender):
     name = "backprop"
     description = "autograd through every step"
+    methods = EVERY_METHOD
 
     def build(self, functions, method, **options):
         return ResidualStack(functions, method, "backprop")
@@ -71,7 +75,8 @@ class BackpropContender(Contender):
 class AdjointContender(Contender):
     """The discrete adjoint of :class:`runner.gradmodes.Adjoint`."""
 
-    exact = False
+    exact = False                 # except with rev_heun and momentum
+    methods = EVERY_METHOD
 
     def __init__(self, vjp: str):
         self.vjp = vjp
@@ -94,12 +99,15 @@ class _Checkpointed(nn.Module):
         seed = self.stack.new_pass_seed()
         steps = [functools.partial(self.stack.step, n, seed=seed)
                  for n in range(self.stack.num_steps)]
-        return checkpoint_sequential(steps, self.segments, x, use_reentrant=False)
+        integrator = self.stack.integrator   # rev_heun, momentum: augmented states
+        return integrator.output(checkpoint_sequential(
+            steps, self.segments, integrator.init_state(x), use_reentrant=False))
 
 
 class CheckpointContender(Contender):
     name = "checkpoint"
     description = "torch.utils.checkpoint.checkpoint_sequential, ~sqrt(N) segments"
+    methods = EVERY_METHOD
 
     def build(self, functions, method, **options):
         return _Checkpointed(functions, method)
