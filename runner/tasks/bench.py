@@ -159,7 +159,7 @@ def peak_of_step(spec: dict) -> int:
     if libc is not None:
         # Large blocks straight from mmap and back on free (no dynamic threshold),
         # so that the resident set follows the live tensors.
-        libc.mallopt(-3, 64 * 1024)   # M_MMAP_THRESHOLD
+        libc.mallopt(-3, 4096)   # M_MMAP_THRESHOLD: blocks of a page or more
     torch.set_num_threads(spec["threads"])
     functions, params, x0, target = make_problem(spec)
     model = CONTENDERS[spec["contender"]].build(functions, spec["method"],
