@@ -21,6 +21,7 @@ class Integrator:
     name = ""
     order = 0           # global order of accuracy on problems smooth in depth
     min_functions = 1   # fewest residual functions the scheme can use
+    exact_reverse = False   # reverse(step(x)) == x in exact arithmetic (up to rounding)
 
     def num_steps(self, num_functions: int) -> int:
         return num_functions
@@ -37,7 +38,10 @@ class Integrator:
         (the exact inverse, up to rounding, where ``exact_reverse`` is true)."""
         raise NotImplementedError
 
-    exact_reverse = False   # reverse(step(x)) == x in exact arithmetic
+    def stream(self, n: int, i: int) -> tuple[int, int]:
+        """Which random stream (dropout) call ``i`` of step ``n`` draws from: the
+        forward evaluation and every recomputation of it must draw the same."""
+        return n, i
 
     # The state the steps carry. Plain schemes carry x itself; schemes with an
     # augmented state (a velocity, an auxiliary copy) stack their parts along a
@@ -134,6 +138,11 @@ class ReversibleHeun(Integrator):
 
     def functions_of_step(self, n):
         return (n, n + 1)
+
+    def stream(self, n, i):
+        # f_i(z_i) is evaluated once in the forward pass (in step i-1) and
+        # recomputed in reverse step i: one stream per function, whatever the step.
+        return 0, i
 
     def init_state(self, x):
         # (y_0, z_0); the first step evaluates f_0(z_0) and adds the cache.

@@ -101,12 +101,15 @@ class ResidualStack(nn.Module):
         if seed is None:
             return lambda i, x: functions[i](x)
 
+        stream = self.integrator.stream
+
         def call(i, x):
             devices = [x.device.index or 0] if x.is_cuda else []
             with torch.random.fork_rng(devices=devices):
                 # One stream per (pass, step, function): the same masks whether the
                 # call happens in the forward pass or in a recomputation.
-                torch.manual_seed((seed + 1_000_003 * (n * len(functions) + i)) % 2**63)
+                step, i_ = stream(n, i)
+                torch.manual_seed((seed + 1_000_003 * (step * len(functions) + i_)) % 2**63)
                 return functions[i](x)
 
         return call
