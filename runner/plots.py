@@ -236,10 +236,10 @@ def plot_memory(rows: list[dict], path: Path) -> Path:
     """rows: depth, grad, method, saved_bytes, peak_bytes, seconds_per_step."""
     mib = 1 / 2**20
     return _per_depth_panels(rows, ["method", "grad"], [
-        ("saved_bytes", "activations saved for backward (MiB)", mib, "linear"),
-        ("peak_bytes", "peak memory of a step (MiB)", mib, "linear"),
+        ("saved_bytes", "activations saved for backward (MiB)", mib, "log"),
+        ("peak_bytes", "peak memory of a step (MiB)", mib, "log"),
         ("seconds_per_step", "seconds per step", 1.0, "log")],
-        "memory vs depth", path)
+        "memory vs depth (log-log: slope 1 = linear in depth, 0 = flat)", path)
 
 
 def plot_bench(rows: list[dict], path: Path) -> Path:
@@ -254,7 +254,7 @@ def plot_bench(rows: list[dict], path: Path) -> Path:
 
     return _per_depth_panels(rows, ["contender", "method"], [
         ("seconds_per_step", "seconds per training step", 1.0, "log"),
-        ("peak_bytes", "peak memory (MiB)", 1 / 2**20, "linear"),
+        ("peak_bytes", "peak memory (MiB)", 1 / 2**20, "log"),
         ("grad_rel_error", "gradient error vs backprop", 1.0, "log")],
         "benchmark: one training step vs depth", path, style)
 
