@@ -198,8 +198,8 @@ class StopSignals:
 
 
 def check_rebuilds(ckpt: dict, config, what: str) -> None:
-    """ConfigError unless the model ``config`` describes (built on the meta device:
-    no memory, no data) fits the checkpoint's weights."""
+    """ConfigError unless the model ``config`` describes (built without its data,
+    from the shapes the checkpoint recorded) fits the checkpoint's weights."""
     from omegaconf import OmegaConf
 
     from .models import build_model
@@ -211,7 +211,7 @@ def check_rebuilds(ckpt: dict, config, what: str) -> None:
     if config.get("model", {}).get("weights"):
         config.model.weights = None   # the checkpoint holds the weights
     try:
-        with torch.device("meta"):
+        with torch.random.fork_rng(devices=[]):   # building draws initial weights
             model = build_model(config, tuple(shapes["input_shape"]), shapes["num_classes"])
     except ConfigError:
         raise

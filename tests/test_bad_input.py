@@ -58,12 +58,11 @@ def cases_for(task: str, files) -> list[tuple[list[str], list[str]]]:
     cfg = compose_config(task, base_overrides(task, files), files["root"] / "compose")
     has = lambda key: key in cfg  # noqa: E731
     cases = []
-    for key in ("depth", "width", "batch_size", "epochs", "batch", "steps", "dim"):
-        if has(key):
-            cases += [([f"{key}=0"], [key]), ([f"{key}=-3"], [key]),
-                      ([f"{key}=abc"], [key]), ([f"{key}=2.5"], [key])]
     if has("depth"):
-        cases += [(["depth=1000000000"], ["depth"])]
+        cases += [([f"depth={bad}"], ["depth"]) for bad in ("0", "-3", "1000000000", "abc", "2.5")]
+    for key in ("width", "batch_size", "epochs", "batch", "steps", "dim"):
+        if has(key):
+            cases += [([f"{key}=0"], [key]), ([f"{key}=abc"], [key])]
     if has("depths"):
         cases += [(["depths=[0]"], ["depth"]), (["depths=[-3]"], ["depth"]),
                   (["depths=[1000000000]"], ["depth"]), (["depths=[abc]"], ["depth"])]

@@ -98,6 +98,7 @@ def test_sampler_shares_make_the_single_process_batches():
     assert list(ShardSampler(n, shuffle=True, seed=4)) != single
 
 
+@pytest.mark.slow
 def test_torchrun_trains_like_one_process_and_only_rank_0_writes(tmp_path):
     args = ["train", "dataset=synthetic", "dataset.num_samples=400", "depth=4", "width=16",
             "epochs=2", "batch_size=64", "progress=false", "device=cpu"]

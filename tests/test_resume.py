@@ -124,6 +124,7 @@ def test_resuming_a_finished_run_is_refused(tmp_path):
         validate(compose_config("train", [*FAST, f"resume={tmp_path}"], tmp_path))
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_cli_checkpoints_and_resume_continues(tmp_path):
     """The real command: SIGTERM during epoch 2, exit 143, then `rode train resume=<dir>`."""
     run_dir = tmp_path / "depth=4,method=euler"       # a sweep job's dir name: '=' and ','
