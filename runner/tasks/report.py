@@ -18,6 +18,7 @@ import csv
 import json
 import logging
 import math
+import re
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -50,7 +51,6 @@ class Job:
     error: str = ""
     config: dict = field(default_factory=dict)
     summary: dict = field(default_factory=dict)
-    overrides: list = field(default_factory=list)
 
 
 # ------------------------------------------------------------- finding jobs
@@ -97,13 +97,12 @@ def load_job(path: Path, root: Path) -> Job:
             break
     if summary is None:
         status = "unfinished"
-        error = "no summary.json (still running, killed, or crashed)"
+        error = "no summary file (still running, killed, or crashed)"
     else:
         status = "failed" if error or summary.get("status") == "failed" else "completed"
         error = error or str(summary.get("error", ""))
     config = (summary or {}).get("config") or _load_yaml(path / ".hydra" / "config.yaml") or {}
-    overrides = _load_yaml(path / ".hydra" / "overrides.yaml") or []
-    return Job(path, name, task, status, error, config, summary or {}, overrides)
+    return Job(path, name, task, status, error, config, summary or {})
 
 
 # ---------------------------------------------------------------- helpers
@@ -140,7 +139,6 @@ def size(value) -> str:
 
 def natural(text: str) -> list:
     """Sort key that puts depth=4 before depth=16."""
-    import re
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
 
 
