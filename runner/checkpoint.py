@@ -207,7 +207,7 @@ def check_rebuilds(ckpt: dict, config, what: str) -> None:
     shapes = ckpt.get("data")
     if not shapes:
         return
-    config = OmegaConf.create(OmegaConf.to_container(config))
+    config = OmegaConf.create(config if isinstance(config, dict) else OmegaConf.to_container(config))
     if config.get("model", {}).get("weights"):
         config.model.weights = None   # the checkpoint holds the weights
     try:

@@ -208,7 +208,7 @@ def load_torchvision_weights(model: TorchvisionResNet, path: str | Path) -> None
     path = Path(str(path)).expanduser()
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError) as e:
+    except Exception as e:   # not a torch file, truncated, unsafe pickle...
         raise ConfigError(f"model.weights={path}: cannot load ({type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''})") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
@@ -283,6 +283,11 @@ def check_resnet_config(cfg) -> None:
         if depths is not None and list(depths) != stage_depths(m.arch, None):
             raise ConfigError(f"model.weights needs the arch's own depths "
                               f"{stage_depths(m.arch, None)}; set model.depths=null")
+        # Load the file into the model it is meant for: a file that is not a state
+        # dict, or one of another arch, is refused now rather than after the run starts.
+        channels = list(cfg.dataset.get("shape", [3]))[0]
+        build_resnet((channels, 32, 32), 1000, width=int(cfg.width), init="iid",
+                     method=cfg.method, grad="backprop", config=m)
 
 
 def _show(value) -> str:

@@ -141,7 +141,7 @@ def test_resnet_on_cifar_fixture(tmp_path):
 def test_bad_input(tmp_path):
     with pytest.raises(ConfigError, match="checkpoint is required"):
         finetune.validate(compose_config("finetune", [], tmp_path))
-    with pytest.raises(ConfigError, match="no such file"):
+    with pytest.raises(ConfigError, match="checkpoint.pt does not exist"):
         finetune.validate(compose_config("finetune", [f"checkpoint={tmp_path}"], tmp_path))
     (tmp_path / "checkpoint.pt").write_text("not a checkpoint")
     with pytest.raises(ConfigError, match="cannot load"):

@@ -297,22 +297,25 @@ def run(cfg) -> dict:
     bar = tqdm(total=work, desc="bench", dynamic_ncols=True,
                disable=not (cfg.progress and sys.stderr.isatty()))
     rows = []
-    for method, depth in jobs:
-        spec = {"method": method, "depth": depth, "width": int(cfg.width),
-                "hidden": cfg.hidden and int(cfg.hidden), "batch": int(cfg.batch),
-                "activation": cfg.activation, "init": cfg.init, "dtype": cfg.dtype,
-                "device": device, "seed": int(cfg.seed), "threads": threads,
-                "compile": bool(cfg.compile)}
-        here = [n for n in names if method in CONTENDERS[n].methods]
-        rows += _bench_one(spec, here, cfg, memory, memory_kind, notes, bar)
-    bar.close()
-    if memory is not None:
-        memory.close()
+    try:
+        for method, depth in jobs:
+            spec = {"method": method, "depth": depth, "width": int(cfg.width),
+                    "hidden": cfg.hidden and int(cfg.hidden), "batch": int(cfg.batch),
+                    "activation": cfg.activation, "init": cfg.init, "dtype": cfg.dtype,
+                    "device": device, "seed": int(cfg.seed), "threads": threads,
+                    "compile": bool(cfg.compile)}
+            here = [n for n in names if method in CONTENDERS[n].methods]
+            start = time.perf_counter()
+            rows += _bench_one(spec, here, cfg, memory, memory_kind, notes, bar)
+            write_csv(rows, out_dir / "bench.csv")   # after each depth: a long run keeps its rows
+            if bar.disable:
+                print(f"rode bench: {method} depth {depth}: {len(here)} contenders in "
+                      f"{time.perf_counter() - start:.0f} s", flush=True)
+    finally:
+        bar.close()
+        if memory is not None:
+            memory.close()
 
-    with open(out_dir / "bench.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
     summary = {"config": {k: _plain(cfg[k]) for k in cfg if k != "out_dir"},
                "device": device, "threads": threads, "memory_kind": memory_kind,
                "torch": torch.__version__, "notes": notes, "ratios": ratios(rows)}
@@ -370,6 +373,13 @@ def _bench_one(spec, names, cfg, memory, memory_kind, notes, bar) -> list[dict]:
 
 
 # ------------------------------------------------------------------ output
+def write_csv(rows: list[dict], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def ratios(rows: list[dict]) -> dict:
     """What the targets are about, per method: time / backprop's at each depth,
     peak memory at the largest depth / at depth 64 (or the smallest), gradient

@@ -21,9 +21,11 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from .. import checkpoint
 from ..config import MAX_DEPTH, check_choice, check_int, check_training_config
 from ..errors import ConfigError
 from ..gradmodes import GRAD_MODES, Backprop
+from ..hooks import build_hooks
 from ..stack import ResidualStack
 from .train import check_amp
 
@@ -108,27 +110,6 @@ def refine(model: nn.Module, depths: list[int], grad) -> None:
 
 
 # ---------------------------------------------------------- checkpoints
-def checkpoint_path(value) -> Path:
-    path = Path(str(value)).expanduser()
-    if path.is_dir():
-        path = path / "checkpoint.pt"
-    if not path.is_file():
-        raise ConfigError(f"checkpoint={value}: no such file (give a run dir holding "
-                          f"checkpoint.pt, or the checkpoint file)")
-    return path
-
-
-def load_checkpoint(path: Path) -> dict:
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:   # torch.load raises many types for a file that is not a checkpoint
-        raise ConfigError(f"checkpoint={path}: cannot load it ({type(e).__name__})") from None
-    if not (isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict)
-            and isinstance(ckpt.get("config"), dict)):
-        raise ConfigError(f"checkpoint={path}: not a rode checkpoint (no model and config)")
-    return ckpt
-
-
 _FUNCTION_KEY = re.compile(r"^(.*?)\.?functions\.(\d+)\.")
 
 
@@ -180,7 +161,7 @@ def job_config(cfg, saved: dict, depths: list[int]):
         job.model.weights = None
     elif len(depths) == 1:
         job.depth = depths[0]
-    job.finetune = {"checkpoint": str(checkpoint_path(cfg.checkpoint))}
+    job.finetune = {"checkpoint": str(checkpoint.locate(cfg.checkpoint))}
     return job
 
 
@@ -191,8 +172,11 @@ def validate(cfg) -> None:
 
     if OmegaConf.is_missing(cfg, "checkpoint"):
         raise ConfigError("checkpoint is required: checkpoint=<run dir or checkpoint.pt>")
-    ckpt = load_checkpoint(checkpoint_path(cfg.checkpoint))
+    ckpt = checkpoint.load(cfg.checkpoint)
+    checkpoint.check_rebuilds(ckpt, ckpt["config"], f"checkpoint={cfg.checkpoint}")
     check_choice(cfg, "grad", GRAD_MODES)
+    check_int(cfg, "seed", 0)
+    build_hooks(cfg.get("hooks"))
     check_training_config(cfg)
     check_amp(cfg)
     check_int(cfg, "bn_recalibration", 0)
@@ -214,8 +198,8 @@ def run(cfg) -> dict:
     from ..measure import grad_mode_as, saved_activation_bytes, untouched
     from ..models import build_model, grad_mode_from_config
 
-    path = checkpoint_path(cfg.checkpoint)
-    ckpt = load_checkpoint(path)
+    path = checkpoint.locate(cfg.checkpoint)
+    ckpt = checkpoint.load(path)
     old = stack_depths(ckpt["model"])
     depths = new_depths(cfg, old)
     job = job_config(cfg, ckpt["config"], depths)

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf, open_dict
 
+from .. import checkpoint as ckpt
 from ..config import MAX_DEPTH, check_choice, check_device, check_int
 from ..data import DATASETS, build_dataset, make_loader
 from ..engine import resolve_device, seed_everything, write_json
@@ -40,8 +41,10 @@ def validate(cfg) -> None:
     check_int(cfg, "seed", 0)
     check_device(cfg)
     if cfg.checkpoint is not None:
-        checkpoint_path(cfg.checkpoint)
-        return   # the checkpoint's config gives the architecture
+        # The checkpoint's config gives the architecture: it must rebuild that model.
+        saved = ckpt.load(cfg.checkpoint)
+        ckpt.check_rebuilds(saved, saved["config"], f"checkpoint={cfg.checkpoint}")
+        return
     check_architecture(cfg)
 
 
@@ -60,28 +63,13 @@ def check_architecture(cfg) -> None:
                           f"shape {list(cfg.dataset.shape)} (set dataset.shape=[C,H,W])")
 
 
-def checkpoint_path(value) -> Path:
-    """checkpoint=<file or run dir> -> the checkpoint file (ConfigError if absent)."""
-    path = Path(str(value)).expanduser()
-    if path.is_dir():
-        path = path / "checkpoint.pt"
-    if not path.is_file():
-        raise ConfigError(f"checkpoint={value!r}: no such file ({path})")
-    return path
-
-
 def architecture(cfg):
     """(config that builds the model, checkpoint or None)."""
     arch = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     checkpoint = None
     if cfg.checkpoint is not None:
-        path = checkpoint_path(cfg.checkpoint)
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-            saved = checkpoint["config"]
-        except Exception as e:
-            raise ConfigError(f"checkpoint={cfg.checkpoint!r} is not a rode checkpoint: "
-                              f"{type(e).__name__}: {e}") from None
+        checkpoint = ckpt.load(cfg.checkpoint)
+        saved = checkpoint["config"]
         for key in ARCHITECTURE:
             if key in saved:
                 arch[key] = saved[key]
@@ -126,7 +114,7 @@ def run(cfg) -> dict:
         "depth": sum(s.depth for s in residual_stacks(model)), "method": arch.method, "init": arch.init,
         "model": arch.model.name, "width": int(arch.width), "dataset": arch.dataset.name,
         "batch": len(y), "dtype": cfg.dtype, "seed": int(cfg.seed), "device": str(device),
-        "checkpoint": None if checkpoint is None else str(checkpoint_path(cfg.checkpoint)),
+        "checkpoint": None if checkpoint is None else str(ckpt.locate(cfg.checkpoint)),
         "step": None if checkpoint is None else checkpoint.get("step"),
         "seconds": round(time.perf_counter() - start, 3),
         "config": OmegaConf.to_container(cfg, resolve=True),
