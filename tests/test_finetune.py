@@ -144,7 +144,7 @@ def test_bad_input(tmp_path):
     with pytest.raises(ConfigError, match="checkpoint.pt does not exist"):
         finetune.validate(compose_config("finetune", [f"checkpoint={tmp_path}"], tmp_path))
     (tmp_path / "checkpoint.pt").write_text("not a checkpoint")
-    with pytest.raises(ConfigError, match="cannot load"):
+    with pytest.raises(ConfigError, match="is not a checkpoint"):
         finetune.validate(compose_config("finetune", [f"checkpoint={tmp_path}"], tmp_path))
 
     ckpt = tmp_path / "tied" / "checkpoint.pt"
