@@ -56,6 +56,9 @@ def fixture_jobs(sweep: Path) -> None:
     write_job(sweep / "diverged", "train", {"depth": 8, "method": "euler", "grad": "adjoint"},
               {"summary.json": {"status": "failed", "error": "loss became nan at epoch 1"}})
     write_job(sweep / "killed", "train", {"depth": 16, "method": "heun", "grad": "adjoint"}, {})
+    preempted = write_job(sweep / "preempted", "train", {"depth": 4}, {})
+    (preempted / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "test_acc": 0.5}) + "\n" + json.dumps(
+        {"event": "interrupted", "signal": "SIGTERM", "epoch": 2, "step": 40}) + "\n")
 
 
 def test_report_on_a_real_train_sweep_with_other_tasks_fixtures(tmp_path, capsys):
@@ -68,12 +71,13 @@ def test_report_on_a_real_train_sweep_with_other_tasks_fixtures(tmp_path, capsys
     fixture_jobs(sweep)
 
     main(["report", str(sweep)])   # the dispatcher, positional form
-    assert "1 failed" in capsys.readouterr().out
+    assert "1 failed, 2 unfinished" in capsys.readouterr().out
     report = (sweep / "report.md").read_text()
     # Failed and unfinished jobs are listed, with why.
     bad = report.split("## Failed or unfinished jobs")[1].split("\n## ")[0]
     assert "`diverged`" in bad and "loss became nan" in bad and "`killed`" in bad
     assert "unfinished" in bad
+    assert "`preempted` | train | unfinished | interrupted by SIGTERM at epoch 2" in bad
     # The two real train jobs: one row per depth, with the test error of the summary.
     train = report.split("## Test error vs depth")[1].split("\n## ")[0]
     for depth in (2, 4):

@@ -97,12 +97,25 @@ def load_job(path: Path, root: Path) -> Job:
             break
     if summary is None:
         status = "unfinished"
-        error = "no summary file (still running, killed, or crashed)"
+        error = _last_event(path) or "no summary file (still running, killed, or crashed)"
     else:
         status = "failed" if error or summary.get("status") == "failed" else "completed"
         error = error or str(summary.get("error", ""))
     config = (summary or {}).get("config") or _load_yaml(path / ".hydra" / "config.yaml") or {}
     return Job(path, name, task, status, error, config, summary or {})
+
+
+def _last_event(path: Path) -> str:
+    """Why a run without a summary stopped, when its metrics.jsonl says (e.g. a signal)."""
+    try:
+        lines = (path / "metrics.jsonl").read_text().splitlines()
+        last = json.loads(lines[-1]) if lines else {}
+    except (OSError, json.JSONDecodeError):
+        return ""
+    if last.get("event") == "interrupted":
+        return (f"interrupted by {last.get('signal', 'a signal')} at epoch {last.get('epoch')}, "
+                f"step {last.get('step')}; continue with: rode train resume={path}")
+    return ""
 
 
 # ---------------------------------------------------------------- helpers
