@@ -186,6 +186,25 @@ def test_dropout_replayed_in_rev_heun_adjoint():
         assert ((adjoint - exact).norm() / exact.norm()).item() < 1e-10, vjp
 
 
+def test_bench_contenders_run_the_reversible_schemes():
+    from runner.contenders import CONTENDERS
+
+    torch.manual_seed(0)
+    functions = init_iid(tanh_block, 6)
+    for method in ["rev_heun", "momentum"]:
+        reference = flat_grads(ResidualStack(functions, method, "backprop"), X)
+        names = [n for n, c in CONTENDERS.items() if method in c.methods]
+        assert {"backprop", "adjoint", "adjoint_shared", "checkpoint"} <= set(names)
+        for name in names:
+            model = CONTENDERS[name].build(functions, method)
+            x = X.clone().requires_grad_(True)
+            out = model(x)
+            grads = torch.autograd.grad((out ** 2).sum() + out.sum(),
+                                        [x, *nn.ModuleList(functions).parameters()])
+            got = torch.cat([g.flatten() for g in grads])
+            assert ((got - reference).norm() / reference.norm()).item() < 1e-10, (method, name)
+
+
 # ------------------------------------------------------------------- the CLI
 def test_gradcheck_task_shows_rev_heun_exact(tmp_path):
     from runner.tasks import gradcheck
