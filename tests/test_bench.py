@@ -42,7 +42,7 @@ def test_bench_cli_writes_csv_and_skips_a_missing_contender(tmp_path):
         [sys.executable, "-c", code, "bench", "depths=[3,6]", "methods=[euler,heun]",
          "width=64", "batch=256", "warmup=0", "repeats=1", "progress=false",
          f"hydra.run.dir={tmp_path}"],
-        capture_output=True, text=True, timeout=240)
+        capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "memcnn skipped" in result.stdout
     with open(tmp_path / "bench.csv") as f:
