@@ -138,6 +138,17 @@ class Adjoint(GradMode):
             options.append("roundtrip=True")
         return f"{type(self).__name__}({', '.join(options)})"
 
+    def __getstate__(self) -> dict:
+        # Pickling or copying a model keeps the options, not the per-stack switches
+        # (weak references) nor the compiled functions: both are rebuilt as needed.
+        state = dict(self.__dict__)
+        state["_escalated"], state["_compiled"] = None, {}
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._escalated = weakref.WeakKeyDictionary()
+
     def anchors_of(self, stack) -> range:
         """The steps n whose input state x_n the forward pass keeps."""
         k = self._escalated.get(stack, self.anchor_every)

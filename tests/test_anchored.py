@@ -171,6 +171,23 @@ def test_max_roundtrip_switches_a_bad_stack_to_anchored_then_exact(caplog):
     assert list(mode.anchors_of(other)) == []
 
 
+def test_a_switched_stack_pickles_and_copies_with_its_options(tmp_path, caplog):
+    import copy
+
+    mode = Adjoint(max_roundtrip=1e-9, anchor_every=5)
+    stack = ResidualStack(scaled_iid(9, 5.0), "euler", mode)
+    with caplog.at_level(logging.WARNING, logger="rode"):
+        flat_grads(stack, X)
+    assert list(mode.anchors_of(stack)) == [0, 3, 6]
+    torch.save(stack, tmp_path / "stack.pt")
+    for other in [copy.deepcopy(stack), torch.load(tmp_path / "stack.pt", weights_only=False)]:
+        assert repr(other.grad_mode) == "Adjoint(anchor_every=5, max_roundtrip=1e-09)"
+        assert list(other.grad_mode.anchors_of(other)) == [0, 5]   # the switch is not kept
+        with caplog.at_level(logging.WARNING, logger="rode"):
+            assert torch.isfinite(flat_grads(other, X)).all()
+        assert list(other.grad_mode.anchors_of(other)) == [0, 3, 6]   # and switches again
+
+
 def test_max_roundtrip_leaves_a_good_stack_alone(caplog):
     functions = scaled_iid(9, 5.0)
     mode = Adjoint(max_roundtrip=1e-10)
