@@ -47,7 +47,8 @@ class Backprop(GradMode):
 class Adjoint(GradMode):
     """The memory-free discrete adjoint (Sander et al., 2022).
 
-    The forward pass keeps only the output x_N. The backward pass walks the steps
+    The forward pass keeps only the output x_N (and the anchors, with
+    ``anchor_every``). The backward pass walks the steps
     in reverse; each backward step rebuilds x_n from x_{n+1} by running the
     integrator backward and back-propagates the gradient through step n.
     Activation memory is O(1) in depth; gradients are approximate, with an error
