@@ -87,6 +87,8 @@ def main(argv: list[str] | None = None) -> None:
         if only_hydra_flags:
             validate_overrides(task, module, overrides, multirun)
         _run_hydra_app(task, module, flags + overrides + _worker_overrides())
+    except _StopRequested as stop:
+        _die(str(stop.error), stop.error.exit_code, task)
     except RodeError as e:
         _die(str(e), e.exit_code, task)
     except Exception as e:  # Hydra's own composition / parse errors: still one line
@@ -94,6 +96,14 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(e, HydraException):
             _die(_hydra_message(e, overrides), 2, task)
         raise
+
+
+class _StopRequested(BaseException):
+    """Carries an Interrupted past Hydra's per-job ``except Exception``."""
+
+    def __init__(self, error):
+        super().__init__(str(error))
+        self.error = error
 
 
 def _die(message: str, code: int = 2, task: str | None = None) -> None:
@@ -112,13 +122,20 @@ def _worker_overrides() -> list[str]:
 def _run_hydra_app(task: str, module, argv: list[str]) -> None:
     import hydra
 
+    from .checkpoint import Interrupted
+
     # Let exceptions reach us instead of Hydra printing a trimmed traceback.
     os.environ["HYDRA_FULL_ERROR"] = "1"
 
     @hydra.main(config_path="conf", config_name=task, version_base="1.3")
     def app(cfg):
         module.validate(cfg)
-        return module.run(cfg)
+        try:
+            return module.run(cfg)
+        except Interrupted as e:
+            # Hydra records a job's Exception and goes on to the next job of a sweep;
+            # a stop request (SIGTERM on a preempted node, Ctrl-C) must end the sweep.
+            raise _StopRequested(e) from None
 
     saved = sys.argv
     sys.argv = [f"rode {task}", *argv]

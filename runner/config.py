@@ -82,6 +82,8 @@ def check_model_config(cfg) -> None:
     from .models import INITS, grad_mode_from_config
 
     method = check_choice(cfg, "method", INTEGRATORS)
+    if method == "momentum" and "gamma" in cfg:
+        check_float(cfg, "gamma", positive=True, high=0.999999)
     check_choice(cfg, "grad", GRAD_MODES)
     grad_mode_from_config(cfg)   # a bad option of that grad mode (adjoint.vjp=...): one line
     check_choice(cfg, "init", INITS)

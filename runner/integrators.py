@@ -226,11 +226,12 @@ INTEGRATORS: dict[str, type[Integrator]] = {"euler": Euler, "heun": Heun,
                                             "rev_heun": ReversibleHeun, "momentum": Momentum}
 
 
-def get_integrator(method: str | Integrator) -> Integrator:
+def get_integrator(method: str | Integrator, **options) -> Integrator:
+    """An integrator from its name (``options`` go to its constructor) or an instance."""
     if isinstance(method, Integrator):
         return method
     try:
-        return INTEGRATORS[method]()
+        return INTEGRATORS[method](**options)
     except KeyError:
         raise ValueError(
             f"unknown method {method!r}; choose from {', '.join(INTEGRATORS)}"

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .gradmodes import get_grad_mode
+from .integrators import get_integrator
 from .resnet import build_resnet
 from .stack import ResidualStack
 
@@ -131,7 +132,15 @@ def build_model(cfg, input_shape, num_classes) -> nn.Module:
     return MODELS[m.name](
         input_shape, num_classes, depth=int(cfg.depth), width=int(cfg.width),
         hidden=m.get("hidden"), activation=m.get("activation", "relu"),
-        init=cfg.init, method=cfg.method, grad=grad_mode_from_config(cfg), config=m)
+        init=cfg.init, method=integrator_from_config(cfg), grad=grad_mode_from_config(cfg),
+        config=m)
+
+
+def integrator_from_config(cfg):
+    """``method=<name>``; method=momentum takes its momentum factor γ from ``gamma``."""
+    if cfg.method == "momentum":
+        return get_integrator("momentum", gamma=cfg.get("gamma", 0.9))
+    return get_integrator(cfg.method)
 
 
 def grad_mode_from_config(cfg):

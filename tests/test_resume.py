@@ -155,3 +155,23 @@ def test_sigterm_to_the_cli_checkpoints_and_resume_continues(tmp_path):
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 8 * 25
     overrides = (run_dir / ".hydra" / "overrides.yaml").read_text()
     assert "resume" not in overrides and "epochs=8" in overrides   # the run's own config kept
+
+
+@pytest.mark.slow
+def test_sigterm_stops_a_whole_sweep(tmp_path):
+    """A preempted sweep stops: the job in progress checkpoints, no further job starts."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runner", "-m", "train", "depth=4,8,16", "epochs=500",
+         "progress=false", "device=cpu"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sweep = tmp_path / "outputs" / "multirun"
+    deadline = time.time() + 120
+    while not list(sweep.glob("*/*/checkpoint.pt")) and time.time() < deadline:
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM" in err and "resume=" in err
+    jobs = [p for p in next(sweep.iterdir()).iterdir() if p.is_dir()]
+    assert len(jobs) == 1 and (jobs[0] / "checkpoint.pt").exists()
