@@ -2,8 +2,12 @@ import os
 import sys
 from pathlib import Path
 
-import pytest
-import torch
+# Tiny models in tests: one thread is faster than two and does not fight other
+# processes; subprocesses (the real `rode` command) inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RODE = [sys.executable, "-m", "runner"]
