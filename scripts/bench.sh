@@ -5,7 +5,7 @@
 # Expected: backprop's memory grows linearly with depth, checkpointing's like sqrt(depth),
 # the adjoint's stays flat; the shared adjoint costs about 4/3 of backprop, the exact 5/3.
 # Usage: scripts/bench.sh [full] [overrides...]
-#   default: CPU, width 256, batch 1024, depths 16..1024, Euler (about half an hour)
+#   default: CPU, width 256, batch 1024, depths 16..1024, Euler (15 to 25 minutes on 2 cores)
 #   full:    GPU (cuda max allocated), Euler and Heun, depths 16..4096
 # Writes <out>/bench.csv, bench.json, report.md and bench.png.
 source "$(dirname "$0")/common.sh"
