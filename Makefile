@@ -17,6 +17,9 @@ install: $(STAMP)
 train: $(STAMP)
 	$(BIN)/rode train $(ARGS)
 
+bench: $(STAMP)
+	$(BIN)/rode bench $(ARGS)
+
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(ARGS)
 

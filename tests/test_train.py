@@ -83,3 +83,11 @@ def test_built_wheel_ships_the_configs(tmp_path):
     assert "runner/conf/train.yaml" in names
     assert "runner/conf/dataset/digits.yaml" in names and "runner/conf/hydra/rode.yaml" in names
     assert "runner/cli.py" in names
+
+
+def test_momentum_factor_comes_from_config(tmp_path):
+    from runner.models import build_model
+
+    cfg = compose_config("train", ["method=momentum", "gamma=0.99", "depth=4"], tmp_path)
+    model = build_model(cfg, (1, 8, 8), 10)
+    assert model.stack.integrator.name == "momentum" and model.stack.integrator.gamma == 0.99
