@@ -29,3 +29,19 @@ def compose_config(task: str, overrides: list[str], out_dir) -> "DictConfig":
         cfg = compose(config_name=task, overrides=[*overrides, f"out_dir={out_dir}"])
     GlobalHydra.instance().clear()
     return cfg
+
+
+def tanh_block(width: int = 8):
+    """A small float64 residual function f(x) = W2 tanh(W1 x + b1) + b2."""
+    from runner.models import MLPBlock
+
+    return MLPBlock(width, width, "tanh").double()
+
+
+def flat_grads(stack, x):
+    """Gradients of a fixed scalar loss w.r.t. the input and every parameter, flattened."""
+    x = x.clone().requires_grad_(True)
+    out = stack(x)
+    loss = (out ** 2).sum() + out.sum()
+    grads = torch.autograd.grad(loss, [x, *stack.parameters()])
+    return torch.cat([g.flatten() for g in grads])

@@ -13,22 +13,10 @@ from torch import nn
 from runner import ResidualStack
 from runner.gradmodes import Adjoint, GradModeOptionError, get_grad_mode
 from runner.measure import reconstruction_error, saved_tensor_bytes
-from runner.models import MLPBlock, init_iid, init_smooth
+from runner.models import init_iid, init_smooth
 from runner.stack import roundtrip_error
 
-from conftest import RODE, compose_config
-
-
-def tanh_block(width=8):
-    return MLPBlock(width, width, "tanh").double()
-
-
-def flat_grads(stack, x):
-    x = x.clone().requires_grad_(True)
-    out = stack(x)
-    loss = (out ** 2).sum() + out.sum()
-    grads = torch.autograd.grad(loss, [x, *stack.parameters()])
-    return torch.cat([g.flatten() for g in grads])
+from conftest import RODE, compose_config, flat_grads, tanh_block
 
 
 def rel(a, b):

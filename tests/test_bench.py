@@ -13,21 +13,10 @@ from runner.contenders import CONTENDERS
 from runner.gradmodes import Adjoint, GradModeOptionError, get_grad_mode
 from runner.models import MLPBlock, init_smooth, init_tied
 from runner.tasks.bench import COLUMNS
+from conftest import flat_grads, tanh_block
 
 FIXED_COLUMNS = ["depth", "contender", "method", "width", "batch", "seconds_per_step",
                  "peak_bytes", "grad_rel_error"]
-
-
-def tanh_block(width=8):
-    return MLPBlock(width, width, "tanh").double()
-
-
-def flat_grads(stack, x):
-    x = x.clone().requires_grad_(True)
-    out = stack(x)
-    loss = (out ** 2).sum() + out.sum()
-    grads = torch.autograd.grad(loss, [x, *stack.parameters()])
-    return torch.cat([g.flatten() for g in grads])
 
 
 def rel_error(approx, exact):

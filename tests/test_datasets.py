@@ -1,5 +1,4 @@
 """The image datasets, loaded by the real code from fixtures in their real on-disk formats."""
-import os
 import subprocess
 
 import numpy as np
@@ -12,17 +11,8 @@ from runner.errors import ConfigError
 from runner.vision import SOURCES
 from vision_fixtures import write_cifar10, write_cifar100, write_image_folder, write_mnist
 
-ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}   # tiny models: see _one_thread
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: a second thread only adds synchronisation (and spinning when the
-    # shared CPUs are busy). Restored afterwards for the other test files.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def dataset_cfg(tmp_path, name, *overrides):
@@ -133,7 +123,7 @@ def test_missing_files_through_the_cli(tmp_path):
         run_dir = tmp_path / name
         out = subprocess.run([*RODE, "train", f"dataset={name}", f"dataset.root={tmp_path}",
                               "model=resnet", f"hydra.run.dir={run_dir}"],
-                             cwd=tmp_path, env=ONE_THREAD, capture_output=True, text=True,
+                             cwd=tmp_path, capture_output=True, text=True,
                              timeout=120)
         assert out.returncode == 2, out.stderr
         lines = out.stderr.strip().splitlines()

@@ -1,6 +1,5 @@
 """rode finetune: untie tied weights, change depth by interpolation, fine-tune."""
 import json
-import os
 import subprocess
 
 import pytest
@@ -15,17 +14,8 @@ from vision_fixtures import write_cifar10
 
 FAST = ["epochs=1", "progress=false", "device=cpu"]
 
-ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}   # tiny models: see _one_thread
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: a second thread only adds synchronisation (and spinning when the
-    # shared CPUs are busy). Restored afterwards for the other test files.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_resample_depth_follows_the_path():
@@ -95,7 +85,7 @@ def test_finetune_end_to_end_through_the_cli(tmp_path):
     ft_dir = tmp_path / "ft"
     out = subprocess.run([*RODE, "finetune", f"checkpoint={run_dir}", "depth=8", *FAST,
                           "lr=0.05", f"hydra.run.dir={ft_dir}"],
-                         cwd=tmp_path, env=ONE_THREAD, capture_output=True, text=True, timeout=300)
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "rode finetune: test accuracy" in out.stdout and "activation memory" in out.stdout
 

@@ -13,13 +13,6 @@ from runner.tasks import gradcheck
 # The paper-notes setting: float64, 8-wide tanh MLP residual functions, N = 8 -> 64.
 SETTING = ["model.activation=tanh", "width=8", "batch=256", "dtype=float64", "device=cpu"]
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny float64 models: one thread is fastest, and spares a shared machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 

@@ -18,13 +18,6 @@ from runner.stack import ResidualStack
 SHORT = ["dataset=synthetic", "dataset.num_samples=240", "epochs=2", "batch_size=32",
          "depth=6", "width=16", "progress=false", "device=cpu"]
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny float64 models: one thread is fastest, and spares a shared machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 

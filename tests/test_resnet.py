@@ -12,14 +12,6 @@ from runner.resnet import ARCHS, load_torchvision_weights
 from runner.tasks.train import validate
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: a second thread only adds synchronisation (and spinning when the
-    # shared CPUs are busy). Restored afterwards for the other test files.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def resnet(arch="resnet18", *, width=4, init="iid", grad="backprop", depths=None,

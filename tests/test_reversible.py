@@ -8,22 +8,9 @@ from torch import nn
 from runner import ResidualStack
 from runner.gradmodes import Adjoint
 from runner.integrators import INTEGRATORS, Momentum, ReversibleHeun
-from runner.models import MLPBlock, init_iid, init_smooth, init_tied
+from runner.models import init_iid, init_smooth, init_tied
 
-from conftest import compose_config
-
-
-def tanh_block(width=8):
-    return MLPBlock(width, width, "tanh").double()
-
-
-def flat_grads(stack, x):
-    """Gradients of a fixed scalar loss w.r.t. the input and every parameter, flattened."""
-    x = x.clone().requires_grad_(True)
-    out = stack(x)
-    loss = (out ** 2).sum() + out.sum()
-    grads = torch.autograd.grad(loss, [x, *stack.parameters()])
-    return torch.cat([g.flatten() for g in grads])
+from conftest import compose_config, flat_grads, tanh_block
 
 
 def adjoint_error(functions, method, x, mode=None, **stack_options):
