@@ -271,7 +271,8 @@ def saved_activation_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
             "stack_output_bytes": output, "layer_saved_bytes": per_layer}
 
 
-def _proc_status(key: str) -> int:
+def proc_status(key: str) -> int:
+    """A byte figure (VmRSS, VmHWM, ...) from /proc/self/status."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(key + ":"):
@@ -284,7 +285,7 @@ def _reset_peak_rss() -> bool:
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-        _proc_status("VmHWM")
+        proc_status("VmHWM")
         return True
     except OSError:
         return False
@@ -321,9 +322,9 @@ def peak_memory_of(fn: Callable[[], object], device: torch.device) -> tuple[int,
         return torch.cuda.max_memory_allocated(device), "cuda_max_memory_allocated"
     _release_free_memory()
     if _reset_peak_rss():
-        before = _proc_status("VmRSS")
+        before = proc_status("VmRSS")
         fn()
-        return max(0, _proc_status("VmHWM") - before), "cpu_peak_rss_growth"
+        return max(0, proc_status("VmHWM") - before), "cpu_peak_rss_growth"
     fn()
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process_peak_rss"
 

@@ -41,6 +41,7 @@ from ..config import check_bool, check_choice, check_int
 from ..contenders import CONTENDERS
 from ..errors import ConfigError
 from ..integrators import INTEGRATORS
+from ..measure import proc_status
 from ..models import INITS, MLPBlock
 
 log = logging.getLogger("rode")
@@ -136,14 +137,6 @@ def flat_grad(params) -> torch.Tensor:
 
 
 # -------------------------------------------------------------- CPU memory
-def _proc_status(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(key)
-
-
 def _libc():
     try:
         return ctypes.CDLL("libc.so.6")
@@ -170,11 +163,11 @@ def peak_of_step(spec: dict) -> int:
     gc.collect()
     if libc is not None:
         libc.malloc_trim(0)
-    baseline = _proc_status("VmRSS")
+    baseline = proc_status("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")                          # reset the peak mark (VmHWM) to the current RSS
     train_step(model, params, x0, target)
-    return _proc_status("VmHWM") - baseline
+    return proc_status("VmHWM") - baseline
 
 
 def _serve() -> None:
