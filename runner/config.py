@@ -98,6 +98,8 @@ def check_model_config(cfg) -> None:
 def check_training_config(cfg) -> None:
     check_int(cfg, "epochs", 1)
     check_int(cfg, "batch_size", 1)
+    if "eval_batch_size" in cfg:
+        check_int(cfg, "eval_batch_size", 1)
     check_float(cfg, "lr", positive=True)
     check_float(cfg, "momentum", 0.0, 1.0)
     check_float(cfg, "weight_decay", 0.0)

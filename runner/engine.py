@@ -175,8 +175,9 @@ def _train(cfg, hooks, model, data, resume, dist, device, stop) -> dict:
     train_loader = distributed.loader(data.train, cfg.batch_size // dist.world_size, dist,
                                       shuffle=True, seed=cfg.seed, num_workers=workers,
                                       pin_memory=pin)
-    test_loader = distributed.loader(data.test, 1024, dist, shuffle=False, seed=cfg.seed,
-                                     num_workers=workers, pin_memory=pin)
+    test_loader = distributed.loader(data.test, int(cfg.get("eval_batch_size", 1024)), dist,
+                                     shuffle=False, seed=cfg.seed, num_workers=workers,
+                                     pin_memory=pin)
     autocast, scaler = mixed_precision(bool(cfg.get("amp", False)), device)
     total_steps = cfg.epochs * len(train_loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
