@@ -111,9 +111,9 @@ def layer_groups(model: nn.Module) -> list[tuple[int, list[nn.Parameter]]]:
     for stack in residual_stacks(model):
         for n, fn in enumerate(stack.functions):
             params = [p for p in fn.parameters() if p.requires_grad]
-            if id(fn) not in seen and params:
+            if params and not all(id(p) in seen for p in params):
                 groups.append((offset + n, params))
-            seen.add(id(fn))
+            seen.update(id(p) for p in params)
         offset += stack.depth
     return groups
 

@@ -75,9 +75,18 @@ def init_zero(make: Callable[[], nn.Module], depth: int) -> list[nn.Module]:
 
 
 def init_tied(make: Callable[[], nn.Module], depth: int) -> list[nn.Module]:
-    """One function shared by every layer: constant in depth, the smoothest case."""
+    """One set of weights shared by every layer: constant in depth, the smoothest case.
+
+    Without buffers the same module is simply repeated. A function with buffers
+    (BatchNorm running statistics) gets one module per layer that shares the
+    parameters but keeps its own buffers: each layer sees activations of its own
+    scale, and one running average over all layers would be wrong for every one
+    of them in eval mode."""
     block = make()
-    return [block] * depth
+    if not any(True for _ in block.buffers()):
+        return [block] * depth
+    shared = {id(p): p for p in block.parameters()}   # deepcopy's memo: keep these as they are
+    return [block] + [copy.deepcopy(block, dict(shared)) for _ in range(depth - 1)]
 
 
 INITS: dict[str, Callable[[Callable[[], nn.Module], int], list[nn.Module]]] = {

@@ -91,3 +91,20 @@ def test_momentum_factor_comes_from_config(tmp_path):
     cfg = compose_config("train", ["method=momentum", "gamma=0.99", "depth=4"], tmp_path)
     model = build_model(cfg, (1, 8, 8), 10)
     assert model.stack.integrator.name == "momentum" and model.stack.integrator.gamma == 0.99
+
+
+def test_tied_conv_blocks_share_weights_but_not_batchnorm_statistics():
+    import torch
+    from runner import ResidualStack
+    from runner.models import ConvBlock, init_tied
+
+    torch.manual_seed(0)
+    blocks = init_tied(lambda: ConvBlock(4), 4)
+    stack = ResidualStack(blocks, "euler", "adjoint").train()
+    assert len(list(stack.parameters())) == len(list(blocks[0].parameters()))   # one weight set
+    x = torch.randn(8, 4, 6, 6, requires_grad=True)
+    stack(x).square().sum().backward()
+    means = [b[1].running_mean for b in blocks]
+    assert not torch.equal(means[0], means[3])   # each layer keeps its own statistics
+    grads = [p.grad for p in blocks[0].parameters()]
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)

@@ -67,9 +67,9 @@ def recalibrate_batchnorm(model: nn.Module, loader, device, batches: int) -> int
     ``batches`` training batches (a plain average; no weight changes). Returns the
     number of batches used.
 
-    Tied layers share one BatchNorm, so its running statistics average over all
-    the layers of a stack, while each layer's activations have their own; in eval
-    mode that mismatch costs accuracy. Once untied, each layer can have its own.
+    The statistics of a model trained before untying may not fit the new layers
+    (interpolated in depth, or, in checkpoints from before init_tied kept one
+    BatchNorm per layer, averaged over all layers of a stack).
     """
     norms = [m for stack in model.modules() if isinstance(stack, ResidualStack)
              for m in stack.functions.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
@@ -93,7 +93,15 @@ def recalibrate_batchnorm(model: nn.Module, loader, device, batches: int) -> int
 
 
 def is_tied(stack: ResidualStack) -> bool:
-    return len({id(f) for f in stack.functions}) < len(stack.functions)
+    """Whether some layers share parameters (the same module repeated, or modules
+    sharing their parameters but not their BatchNorm buffers: see init_tied)."""
+    seen: set[int] = set()
+    for f in stack.functions:
+        params = {id(p) for p in f.parameters()}
+        if params & seen:
+            return True
+        seen |= params
+    return False
 
 
 def refine(model: nn.Module, depths: list[int], grad) -> None:
