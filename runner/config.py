@@ -100,6 +100,8 @@ def check_training_config(cfg) -> None:
     check_int(cfg, "batch_size", 1)
     if "eval_batch_size" in cfg:
         check_int(cfg, "eval_batch_size", 1)
+    if cfg.get("threads") is not None:
+        check_int(cfg, "threads", 1, 1024)
     check_float(cfg, "lr", positive=True)
     check_float(cfg, "momentum", 0.0, 1.0)
     check_float(cfg, "weight_decay", 0.0)

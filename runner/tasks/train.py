@@ -23,7 +23,7 @@ log = logging.getLogger("rode")
 
 
 # What `rode train resume=<dir>` may change: the rest is the checkpoint's config.
-RESUME_KEYS = ("device", "progress")
+RESUME_KEYS = ("device", "progress", "threads")
 
 
 def validate(cfg) -> None:
@@ -119,6 +119,10 @@ def _unquote(value: str) -> str:
 
 
 def run(cfg) -> dict:
+    if cfg.get("threads") is not None:
+        import torch
+
+        torch.set_num_threads(int(cfg.threads))   # the process is this run's alone
     if cfg.get("resume"):
         ckpt = checkpoint.load(cfg.resume, "resume")
         job = resume_config(cfg, ckpt)
