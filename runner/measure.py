@@ -69,16 +69,17 @@ def untouched(model: nn.Module) -> Iterator[None]:
 
 @contextlib.contextmanager
 def grad_mode_as(model: nn.Module, mode: GradMode) -> Iterator[None]:
-    """Temporarily make every ResidualStack of ``model`` use ``mode``."""
+    """Temporarily make every ResidualStack of ``model`` use ``mode``; the stacks'
+    self-check values (``last_roundtrip_error``) are the training run's again after."""
     stacks = residual_stacks(model)
-    saved = [s.grad_mode for s in stacks]
+    saved = [(s.grad_mode, s._roundtrip) for s in stacks]
     for s in stacks:
         s.grad_mode = mode
     try:
         yield
     finally:
-        for s, m in zip(stacks, saved):
-            s.grad_mode = m
+        for s, (m, roundtrip) in zip(stacks, saved):
+            s.grad_mode, s._roundtrip = m, roundtrip
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

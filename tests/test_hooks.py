@@ -150,3 +150,23 @@ def test_smoothness_separates_tied_smooth_and_iid():
     assert value("tied", 16) == 0.0
     assert value("smooth", 64) < 1.5 * value("smooth", 8)     # O(1) in N
     assert value("iid", 64) > 5 * value("iid", 8)             # grows like N
+
+
+def test_grad_error_probe_leaves_the_self_check_value_alone():
+    import torch
+    from runner import ResidualStack
+    from runner.gradmodes import Adjoint
+    from runner.measure import grad_mode_as
+    from runner.models import init_iid
+    from conftest import tanh_block
+
+    torch.manual_seed(0)
+    stack = ResidualStack(init_iid(tanh_block, 8), "euler", Adjoint(roundtrip=True))
+    x = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    stack(x).sum().backward()
+    before = stack.last_roundtrip_error
+    assert before is not None and before > 0
+    with grad_mode_as(stack, Adjoint(roundtrip=True)):
+        stack(2 * x).sum().backward()             # a probe on other data
+        assert stack.last_roundtrip_error != before
+    assert stack.last_roundtrip_error == before
