@@ -49,6 +49,47 @@ def check_float(cfg, key: str, low: float | None = None, high: float | None = No
     return float(value)
 
 
+def as_list(cfg, key: str) -> list:
+    """``key=[a,b]`` as a list; a single value (``key=a``) is a list of one."""
+    value = _get(cfg, key)
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        values = [] if value is None else [value]
+    else:
+        values = list(value)
+    if not values:
+        raise ConfigError(f"{key}={value!r} is empty; give at least one value")
+    return values
+
+
+def check_choice_list(cfg, key: str, choices: Iterable[str]) -> list:
+    """A non-empty list whose items are each one of ``choices``."""
+    choices = list(choices)
+    values = as_list(cfg, key)
+    for v in values:
+        if v not in choices:
+            raise ConfigError(f"{key}: {v!r} is not a valid choice; choose from "
+                              f"{', '.join(map(str, choices))}")
+    return values
+
+
+def check_int_list(cfg, key: str, low: int | None = None, high: int | None = None,
+                   why: str = "") -> list[int]:
+    """A non-empty list of integers in [low, high] (``why`` explains the bounds)."""
+    values = as_list(cfg, key)
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int) or (
+                low is not None and v < low) or (high is not None and v > high):
+            raise ConfigError(f"{key}: {v!r} must be an integer{_range(low, high)}{why}")
+    return [int(v) for v in values]
+
+
+def show_progress(cfg) -> bool:
+    """tqdm bars: on with ``progress=true`` and only when stdout is a terminal."""
+    import sys
+
+    return bool(cfg.get("progress", True)) and sys.stdout.isatty()
+
+
 def check_bool(cfg, key: str) -> bool:
     value = _get(cfg, key)
     if not isinstance(value, bool):

@@ -7,7 +7,6 @@ import math
 import os
 import random
 import resource
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from tqdm import tqdm
 
 from . import checkpoint, distributed
 from .data import DataBundle, build_dataset, make_loader
+from .config import show_progress
 from .errors import RunFailed
 from .hooks import Hook, build_hooks
 from .models import build_model
@@ -195,7 +195,7 @@ def _train(cfg, hooks, model, data, resume, dist, device, stop) -> dict:
     hooks = (build_hooks(cfg.get("hooks")) if hooks is None else hooks) if dist.is_main else []
     if resume is None and run.is_main:
         run.metrics_path.write_text("")      # a fresh run owns its metrics file
-    show_progress = bool(cfg.progress) and sys.stdout.isatty() and dist.is_main
+    progress_bar = show_progress(cfg) and dist.is_main
     start = time.perf_counter()
 
     def seconds() -> float:                  # training time, across resumes
@@ -220,7 +220,7 @@ def _train(cfg, hooks, model, data, resume, dist, device, stop) -> dict:
         net.train()
         distributed.start_epoch(train_loader, epoch, progress.batch)
         bar = tqdm(train_loader, desc=f"epoch {epoch}/{cfg.epochs}", leave=False,
-                   disable=not show_progress, dynamic_ncols=True, initial=progress.batch,
+                   disable=not progress_bar, dynamic_ncols=True, initial=progress.batch,
                    total=progress.batch + len(train_loader))
         for x, y in bar:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)

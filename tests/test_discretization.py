@@ -81,7 +81,7 @@ def test_bad_input_is_one_line_exit_2(tmp_path):
 
 
 @pytest.mark.parametrize("bad, word", [("methods=[rk4]", "rk4"), ("depths=[0,8]", "depths"),
-                                       ("depths=16", "depths"), ("ref_steps=64", "ref_steps"),
+                                       ("depths=[]", "depths"), ("ref_steps=64", "ref_steps"),
                                        ("cases=[quadratic]", "quadratic")])
 def test_bad_values_name_the_key(tmp_path, bad, word):
     from runner.errors import ConfigError

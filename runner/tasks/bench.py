@@ -37,7 +37,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..config import check_bool, check_choice, check_int
+from ..config import (MAX_DEPTH, as_list, check_bool, check_choice, check_choice_list,
+                      check_int, check_int_list, show_progress)
 from ..contenders import CONTENDERS
 from ..errors import ConfigError
 from ..integrators import INTEGRATORS
@@ -55,29 +56,11 @@ ACTIVATIONS = ("relu", "tanh", "gelu")
 
 
 # -------------------------------------------------------------------- config
-def _check_list(cfg, key: str, valid) -> list:
-    values = cfg[key]
-    if isinstance(values, str) or not values:
-        raise ConfigError(f"{key}={values!r} must be a non-empty list; choose from "
-                          f"{', '.join(valid)} (e.g. {key}=[{','.join(list(valid)[:2])}])")
-    for v in values:
-        if v not in valid:
-            raise ConfigError(f"{key}: {v!r} is not a valid choice; choose from {', '.join(valid)}")
-    return list(values)
-
-
 def validate(cfg) -> None:
-    methods = _check_list(cfg, "methods", INTEGRATORS)
-    _check_list(cfg, "contenders", CONTENDERS)
-    depths = cfg.depths
-    if isinstance(depths, (str, int)) or not depths:
-        raise ConfigError(f"depths={depths!r} must be a non-empty list of integers, "
-                          f"e.g. depths=[16,64,256]")
+    methods = check_choice_list(cfg, "methods", INTEGRATORS)
+    check_choice_list(cfg, "contenders", CONTENDERS)
     low = max(INTEGRATORS[m].min_functions for m in methods)
-    for d in depths:
-        if isinstance(d, bool) or not isinstance(d, int) or not low <= d <= 1_000_000:
-            raise ConfigError(f"depths: {d!r} must be an integer >= {low} "
-                              f"(the fewest functions of methods={methods})")
+    check_int_list(cfg, "depths", low, MAX_DEPTH, f" (the fewest functions of methods={methods})")
     check_int(cfg, "width", 1, 65_536)
     if cfg.hidden is not None:
         check_int(cfg, "hidden", 1, 65_536)
@@ -269,7 +252,7 @@ def run(cfg) -> dict:
     threads = torch.get_num_threads()
 
     notes, names = [], []
-    for name in dict.fromkeys(cfg.contenders):   # keep order, drop repeats
+    for name in dict.fromkeys(as_list(cfg, "contenders")):   # keep order, drop repeats
         why = CONTENDERS[name].missing()
         if why:
             notes.append(why)
@@ -279,8 +262,8 @@ def run(cfg) -> dict:
         print(f"rode bench: note: {note}", flush=True)
     if "backprop" not in names:
         names.insert(0, "backprop")   # the reference for the gradient error and the ratios
-    methods = list(dict.fromkeys(cfg.methods))
-    depths = sorted(set(int(d) for d in cfg.depths))
+    methods = list(dict.fromkeys(as_list(cfg, "methods")))
+    depths = sorted(set(int(d) for d in as_list(cfg, "depths")))
     memory = CpuMemory() if cfg.memory and device == "cpu" else None
     memory_kind = ("cuda_max_allocated_over_baseline" if device == "cuda" else CpuMemory.kind) \
         if cfg.memory else "not_measured"
@@ -288,7 +271,7 @@ def run(cfg) -> dict:
     jobs = [(m, d) for m in methods for d in depths]
     work = sum(len([n for n in names if m in CONTENDERS[n].methods]) for m, _ in jobs)
     bar = tqdm(total=work, desc="bench", dynamic_ncols=True,
-               disable=not (cfg.progress and sys.stderr.isatty()))
+               disable=not show_progress(cfg))
     rows = []
     try:
         for method, depth in jobs:

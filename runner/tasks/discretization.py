@@ -31,7 +31,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..config import check_bool, check_float, check_int
+from ..config import (MAX_DEPTH, as_list, check_bool, check_choice_list, check_float, check_int,
+                      check_int_list, show_progress)
 from ..errors import ConfigError
 from ..integrators import INTEGRATORS
 from ..stack import ResidualStack
@@ -241,21 +242,8 @@ def fit_slope(depths, errors) -> float:
 # -------------------------------------------------------------------- task
 def validate(cfg) -> None:
     for key, valid in (("cases", CASES), ("weights", WEIGHTS), ("methods", INTEGRATORS)):
-        values = cfg[key]
-        if isinstance(values, str) or not values:
-            raise ConfigError(f"{key}={values!r} must be a non-empty list; choose from "
-                              f"{', '.join(valid)} (e.g. {key}=[{','.join(valid)}])")
-        for v in values:
-            if v not in valid:
-                raise ConfigError(f"{key}: {v!r} is not a valid choice; choose from "
-                                  f"{', '.join(valid)}")
-    depths = cfg.depths
-    if isinstance(depths, (str, int)) or not depths:
-        raise ConfigError(f"depths={depths!r} must be a non-empty list of integers, "
-                          f"e.g. depths=[16,32,64]")
-    for d in depths:
-        if isinstance(d, bool) or not isinstance(d, int) or d < 1:
-            raise ConfigError(f"depths: {d!r} must be an integer >= 1")
+        check_choice_list(cfg, key, valid)
+    depths = check_int_list(cfg, "depths", 1, MAX_DEPTH)
     check_int(cfg, "dim", 1, 1024)
     check_int(cfg, "batch", 1)
     check_int(cfg, "trials", 1)
@@ -272,12 +260,12 @@ def validate(cfg) -> None:
 def run(cfg) -> dict:
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    depths = sorted(set(int(d) for d in cfg.depths))
+    depths = sorted(set(int(d) for d in as_list(cfg, "depths")))
     g = torch.Generator().manual_seed(int(cfg.seed))
     rows = []
-    jobs = [(c, w) for c in cfg.cases for w in cfg.weights]
+    jobs = [(c, w) for c in as_list(cfg, "cases") for w in as_list(cfg, "weights")]
     bar = tqdm(total=len(jobs) * len(depths), desc="discretization",
-               disable=not cfg.progress, dynamic_ncols=True)
+               disable=not show_progress(cfg), dynamic_ncols=True)
     for case_name, weights in jobs:
         case = CASES[case_name](int(cfg.dim))
         std = case.std(float(cfg.scale))
@@ -296,7 +284,7 @@ def run(cfg) -> dict:
             if weights == "iid":   # a new network, hence a new ODE, for every depth
                 path = iid_knots(std, cfg.trials, depth, g)
                 ref = rk4(case, path, x0, reference_steps(path, int(cfg.ref_steps)))
-            for method in cfg.methods:
+            for method in as_list(cfg, "methods"):
                 error = rel_error(resnet(case, path, method, depth, x0), ref)
                 rows.append({"case": case_name, "weights": weights, "method": method,
                              "depth": depth, "error": error})
@@ -305,7 +293,7 @@ def run(cfg) -> dict:
 
     slopes = []
     for case_name, weights in jobs:
-        for method in cfg.methods:
+        for method in as_list(cfg, "methods"):
             sel = [r for r in rows if (r["case"], r["weights"], r["method"])
                    == (case_name, weights, method)]
             slope = fit_slope([r["depth"] for r in sel], [r["error"] for r in sel])

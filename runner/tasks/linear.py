@@ -25,7 +25,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..config import check_bool, check_choice, check_float, check_int
+from ..config import (MAX_DEPTH, as_list, check_bool, check_choice, check_float, check_int,
+                      check_int_list, show_progress)
 from ..errors import ConfigError, RunFailed
 from ..gradmodes import GRAD_MODES
 from ..integrators import INTEGRATORS
@@ -119,14 +120,7 @@ def validate(cfg) -> None:
     check_choice(cfg, "grad", GRAD_MODES)
     check_choice(cfg, "init", INITS)
     low = INTEGRATORS[method].min_functions
-    depths = cfg.depths
-    if isinstance(depths, (str, int)) or not depths:
-        raise ConfigError(f"depths={depths!r} must be a non-empty list of integers, "
-                          f"e.g. depths=[8,16,32]")
-    for d in depths:
-        if isinstance(d, bool) or not isinstance(d, int) or d < low or d > 100_000:
-            raise ConfigError(f"depths: {d!r} must be an integer in [{low}, 100000]"
-                              f" (method={method})")
+    check_int_list(cfg, "depths", low, MAX_DEPTH, f" (method={method})")
     check_int(cfg, "dim", 1, 64)
     check_int(cfg, "steps", 1)
     check_int(cfg, "log_every", 1)
@@ -145,12 +139,12 @@ def validate(cfg) -> None:
 def run(cfg) -> dict:
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    depths = sorted(set(int(d) for d in cfg.depths))
+    depths = sorted(set(int(d) for d in as_list(cfg, "depths")))
     target = target_matrix(cfg.dim, cfg.target_scale, torch.Generator().manual_seed(cfg.seed))
     snapshot_steps = {int(s) for s in cfg.snapshots if s <= cfg.steps}
 
     rows, weights = [], {}
-    bar = tqdm(total=len(depths) * cfg.steps, desc="linear", disable=not cfg.progress,
+    bar = tqdm(total=len(depths) * cfg.steps, desc="linear", disable=not show_progress(cfg),
                dynamic_ncols=True)
     for depth in depths:
         # init=iid: a fresh draw per depth (a shared prefix would make the depths alike).

@@ -18,7 +18,6 @@ from __future__ import annotations
 import csv
 import gc
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -27,7 +26,8 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf, open_dict
 from tqdm import tqdm
 
-from ..config import MAX_DEPTH, check_bool, check_choice, check_device, check_int
+from ..config import (MAX_DEPTH, as_list, check_bool, check_choice, check_choice_list,
+                      check_device, check_int, check_int_list, show_progress)
 from ..data import DATASETS, build_dataset
 from ..engine import resolve_device, seed_everything, write_json
 from ..errors import ConfigError
@@ -39,28 +39,14 @@ from ..models import INITS, MODELS, build_model
 COLUMNS = ["depth", "grad", "method", "saved_bytes", "peak_bytes", "seconds_per_step"]
 
 
-def _as_list(cfg, key: str) -> list:
-    value = cfg[key]
-    values = list(value) if OmegaConf.is_list(value) or isinstance(value, (list, tuple)) else [value]
-    if not values:
-        raise ConfigError(f"{key}=[] is empty; give at least one value, e.g. {key}=[16,64]")
-    return values
-
-
 def validate(cfg) -> None:
     check_choice(cfg, "dataset.name", DATASETS)
     check_choice(cfg, "model.name", MODELS)
     method = check_choice(cfg, "method", INTEGRATORS)
     check_choice(cfg, "init", INITS)
     low = INTEGRATORS[method].min_functions
-    for depth in _as_list(cfg, "depths"):
-        if isinstance(depth, bool) or not isinstance(depth, int) or not low <= depth <= MAX_DEPTH:
-            raise ConfigError(f"depths: {depth!r} is not a valid depth for method={method}: "
-                              f"each must be an integer in [{low}, {MAX_DEPTH}]")
-    for grad in _as_list(cfg, "grads"):
-        if grad not in GRAD_MODES:
-            raise ConfigError(f"grads: {grad!r} is not a valid choice; choose from "
-                              f"{', '.join(GRAD_MODES)}")
+    check_int_list(cfg, "depths", low, MAX_DEPTH, f" (method={method})")
+    check_choice_list(cfg, "grads", GRAD_MODES)
     check_int(cfg, "width", 1, 65_536)
     check_int(cfg, "batch", 1)
     check_int(cfg, "steps", 1)
@@ -124,14 +110,14 @@ def run(cfg) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
     data = build_dataset(cfg.dataset)
-    jobs = [(int(d), str(g)) for d in _as_list(cfg, "depths") for g in _as_list(cfg, "grads")]
+    jobs = [(int(d), str(g)) for d in as_list(cfg, "depths") for g in as_list(cfg, "grads")]
 
     threads = torch.get_num_threads()
     if cfg.threads is not None:
         torch.set_num_threads(int(cfg.threads))
     rows = []
     bar = tqdm(jobs, desc="memory", leave=False, dynamic_ncols=True,
-               disable=not (cfg.progress and sys.stdout.isatty()))
+               disable=not show_progress(cfg))
     try:
         for depth, grad in bar:
             bar.set_postfix(depth=depth, grad=grad)
