@@ -116,6 +116,16 @@ def check_device(cfg, key: str = "device") -> str:
     return device
 
 
+IMAGE_MODELS = ("conv", "resnet")
+
+
+def check_image_data(cfg) -> None:
+    """Convolutional models need (C, H, W) inputs; a flat dataset is refused by name."""
+    if cfg.model.name in IMAGE_MODELS and len(cfg.dataset.get("shape", [1, 8, 8])) != 3:
+        raise ConfigError(f"model={cfg.model.name} needs image data; dataset={cfg.dataset.name} "
+                          f"gives shape {list(cfg.dataset.shape)} (set dataset.shape=[C,H,W])")
+
+
 def check_model_config(cfg) -> None:
     """The knobs every task that builds a ResidualStack model shares."""
     from .gradmodes import GRAD_MODES

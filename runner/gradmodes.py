@@ -299,7 +299,7 @@ class _Gradients:
         return found
 
     def of_step(self, n: int) -> list:
-        """The distinct parameters step n uses (like ``stack.step_parameters``)."""
+        """The distinct trainable parameters step n uses."""
         indices = self._stack.integrator.functions_of_step(n)
         if len(indices) == 1:
             return self.of_function(indices[0])

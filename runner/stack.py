@@ -122,15 +122,6 @@ class ResidualStack(nn.Module):
         """x_{n+1} -> approximately x_n, by running the scheme backward."""
         return self.integrator.reverse(self.caller(n, seed), n, y, self.step_size)
 
-    def step_parameters(self, n: int) -> list[nn.Parameter]:
-        """The distinct trainable parameters that step n uses."""
-        seen: dict[int, nn.Parameter] = {}
-        for i in self.integrator.functions_of_step(n):
-            for p in self.functions[i].parameters():
-                if p.requires_grad:
-                    seen.setdefault(id(p), p)
-        return list(seen.values())
-
     @contextlib.contextmanager
     def recomputing(self) -> Iterator[None]:
         """Recompute steps faithfully: BatchNorm stays in training mode and keeps

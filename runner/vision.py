@@ -19,6 +19,7 @@ import pickle
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -26,6 +27,9 @@ from PIL import Image
 from torch.utils.data import Dataset, Subset
 
 from .errors import ConfigError, RunFailed
+
+if TYPE_CHECKING:   # data.py imports this module for its registry
+    from .data import DataBundle
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ def _threads():
     torch.set_num_threads(1)
 
 
-def compose_config(task: str, overrides: list[str], out_dir) -> "DictConfig":
+def compose_config(task: str, overrides: list[str], out_dir):
     """The real task config, composed as `rode <task> overrides` would, with out_dir set."""
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra

@@ -4,7 +4,6 @@ import json
 import logging
 import math
 import subprocess
-import sys
 
 import pytest
 import torch

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
 
 FAST = ["depth=4", "epochs=1", "width=16", "progress=false", "device=cpu"]
 

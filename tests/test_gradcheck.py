@@ -3,7 +3,6 @@ import csv
 import json
 
 import pytest
-import torch
 
 from conftest import compose_config
 from runner.engine import train

@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 from conftest import compose_config
 from runner.errors import ConfigError
 from runner.models import MODELS, build_model
-from runner.resnet import ARCHS, load_torchvision_weights
+from runner.resnet import ARCHS
 from runner.tasks.train import validate
 
 

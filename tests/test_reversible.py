@@ -1,5 +1,4 @@
 """Exactly invertible schemes: rev_heun and momentum give backprop's gradient with the adjoint."""
-import math
 
 import pytest
 import torch

@@ -38,9 +38,8 @@ from torch import nn
 from tqdm import tqdm
 
 from ..config import (MAX_DEPTH, as_list, check_bool, check_choice, check_choice_list,
-                      check_int, check_int_list, show_progress)
+                      check_device, check_int, check_int_list, show_progress)
 from ..contenders import CONTENDERS
-from ..errors import ConfigError
 from ..integrators import INTEGRATORS
 from ..measure import proc_status
 from ..models import INITS, MLPBlock
@@ -68,9 +67,7 @@ def validate(cfg) -> None:
     check_choice(cfg, "activation", ACTIVATIONS)
     check_choice(cfg, "init", INITS)
     check_choice(cfg, "dtype", DTYPES)
-    device = check_choice(cfg, "device", ["cpu", "cuda", "auto"])
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device=cuda but no CUDA device is available; use device=cpu or device=auto")
+    check_device(cfg)
     if cfg.threads is not None:
         check_int(cfg, "threads", 1, 1024)
     check_int(cfg, "warmup", 0)

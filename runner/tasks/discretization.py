@@ -22,7 +22,6 @@ N steps that end at t = 1, as Euler's N steps do.
 from __future__ import annotations
 
 import csv
-import json
 import math
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from tqdm import tqdm
 
 from ..config import (MAX_DEPTH, as_list, check_bool, check_choice_list, check_float, check_int,
                       check_int_list, show_progress)
+from ..engine import write_json
 from ..errors import ConfigError
 from ..integrators import INTEGRATORS
 from ..stack import ResidualStack
@@ -307,7 +307,7 @@ def run(cfg) -> dict:
               ["case", "weights", "method", "slope", "order", "expected"])
     summary = {"status": "completed", "depths": depths, "slopes": slopes,
                "config": {k: v for k, v in _plain(cfg).items() if k != "out_dir"}}
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(summary, out_dir / "summary.json")
     from ..plots import plot_discretization
     plot_discretization(rows, out_dir / "discretization.png")
 

@@ -21,7 +21,7 @@ import torch
 from omegaconf import OmegaConf, open_dict
 
 from .. import checkpoint as ckpt
-from ..config import MAX_DEPTH, check_choice, check_device, check_int
+from ..config import MAX_DEPTH, check_choice, check_device, check_image_data, check_int
 from ..data import DATASETS, build_dataset, make_loader
 from ..engine import resolve_device, seed_everything, write_json
 from ..errors import ConfigError
@@ -58,9 +58,7 @@ def check_architecture(cfg) -> None:
     if depth < low:
         raise ConfigError(f"depth={depth} is too small for method={method}: it needs depth >= {low}")
     check_int(cfg, "width", 1, 65_536)
-    if cfg.model.name == "conv" and len(cfg.dataset.get("shape", [1, 8, 8])) != 3:
-        raise ConfigError(f"model=conv needs image data; dataset={cfg.dataset.name} gives "
-                          f"shape {list(cfg.dataset.shape)} (set dataset.shape=[C,H,W])")
+    check_image_data(cfg)
 
 
 def architecture(cfg):

@@ -16,8 +16,6 @@ depth-independent scaling (the authors' lr 100 at N = 100 is lr = 1 here).
 """
 from __future__ import annotations
 
-import csv
-import json
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +25,7 @@ from tqdm import tqdm
 
 from ..config import (MAX_DEPTH, as_list, check_bool, check_choice, check_float, check_int,
                       check_int_list, show_progress)
+from ..engine import write_json
 from ..errors import ConfigError, RunFailed
 from ..gradmodes import GRAD_MODES
 from ..integrators import INTEGRATORS
@@ -185,7 +184,7 @@ def run(cfg) -> dict:
     np.savez_compressed(out_dir / "linear_weights.npz", target=target.numpy(), **{
         f"{key}_{depth}": value for depth, (steps, w) in weights.items()
         for key, value in (("steps", np.array(steps)), ("weights", w))})
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(summary, out_dir / "summary.json")
     from ..plots import plot_linear_increments, plot_linear_weights
     plot_linear_increments(rows, out_dir / "linear_increments.png")
     steps, w = weights[deepest]

@@ -27,14 +27,15 @@ from omegaconf import OmegaConf, open_dict
 from tqdm import tqdm
 
 from ..config import (MAX_DEPTH, as_list, check_bool, check_choice, check_choice_list,
-                      check_device, check_int, check_int_list, show_progress)
+                      check_device, check_image_data, check_int, check_int_list,
+                      show_progress)
 from ..data import DATASETS, build_dataset
 from ..engine import resolve_device, seed_everything, write_json
-from ..errors import ConfigError
 from ..gradmodes import GRAD_MODES
 from ..integrators import INTEGRATORS
 from ..measure import peak_memory_of, saved_activation_bytes
 from ..models import INITS, MODELS, build_model
+from .report import size
 
 COLUMNS = ["depth", "grad", "method", "saved_bytes", "peak_bytes", "seconds_per_step"]
 
@@ -55,9 +56,7 @@ def validate(cfg) -> None:
         check_int(cfg, "threads", 1, 1024)
     check_bool(cfg, "progress")
     check_device(cfg)
-    if cfg.model.name == "conv" and len(cfg.dataset.get("shape", [1, 8, 8])) != 3:
-        raise ConfigError(f"model=conv needs image data; dataset={cfg.dataset.name} gives "
-                          f"shape {list(cfg.dataset.shape)} (set dataset.shape=[C,H,W])")
+    check_image_data(cfg)
 
 
 def measure_step(cfg, depth: int, grad: str, input_shape, num_classes, device) -> dict:
@@ -95,13 +94,6 @@ def measure_step(cfg, depth: int, grad: str, input_shape, num_classes, device) -
             "seconds_per_step": statistics.median(seconds),
             "stack_saved_bytes": saved["stack_saved_bytes"],
             "stack_output_bytes": saved["stack_output_bytes"], "peak_kind": kind}
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
 
 
 def run(cfg) -> dict:
@@ -144,7 +136,7 @@ def run(cfg) -> dict:
           f"{cfg.batch}, {cfg.method}, init={cfg.init}, {device} (peak: {summary['peak_kind']})")
     print(f"{'depth':>6}  {'grad':<8}  {'saved':>10}  {'peak':>10}  {'s/step':>8}")
     for r in rows:
-        print(f"{r['depth']:>6}  {r['grad']:<8}  {_size(r['saved_bytes']):>10}  "
-              f"{_size(r['peak_bytes']):>10}  {r['seconds_per_step']:>8.4f}")
+        print(f"{r['depth']:>6}  {r['grad']:<8}  {size(r['saved_bytes']):>10}  "
+              f"{size(r['peak_bytes']):>10}  {r['seconds_per_step']:>8.4f}")
     print(f"-> {out_dir}", flush=True)
     return summary

@@ -8,13 +8,12 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from .. import checkpoint, distributed
-from ..config import check_model_config, check_training_config
+from ..config import check_image_data, check_model_config, check_training_config
 from ..data import DATASETS
 from ..models import MODELS
 from ..config import check_bool, check_choice
 from ..engine import resolve_device, train
 from ..errors import ConfigError
-from ..hooks import build_hooks
 from ..hooks import build_hooks
 from ..resnet import check_resnet_config
 from ..vision import check_dataset
@@ -35,9 +34,7 @@ def validate(cfg) -> None:
     check_model_config(cfg)
     check_training_config(cfg)
     check_amp(cfg)
-    if cfg.model.name in ("conv", "resnet") and len(cfg.dataset.get("shape", [1, 8, 8])) != 3:
-        raise ConfigError(f"model={cfg.model.name} needs image data; dataset={cfg.dataset.name} "
-                          f"gives shape {list(cfg.dataset.shape)} (set dataset.shape=[C,H,W])")
+    check_image_data(cfg)
     if cfg.model.name == "resnet":
         check_resnet_config(cfg)
     check_dataset(cfg.dataset)
