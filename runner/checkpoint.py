@@ -11,6 +11,8 @@ the position within the epoch and the random number generators' states.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import random
 import signal
@@ -19,27 +21,74 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
-from .errors import ConfigError, RodeError
+from .errors import ConfigError, RodeError, RunFailed
+from .io import atomic_open
+from .models import build_model
 
 FILENAME = "checkpoint.pt"
+CHECKSUM = "sha256"
 FORMAT = "rode-checkpoint"
 VERSION = 1
 
 
 # ------------------------------------------------------------ save, load
 def save(state: dict, path: Path) -> None:
-    """Write ``state`` to ``path`` atomically (temporary file, fsync, rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """Write ``state`` to ``path`` atomically (temporary file, fsync, rename), with
+    the checksum of its contents that :func:`load` verifies."""
+    state = {**state, CHECKSUM: checksum(state)}
+    with atomic_open(path, "wb") as f:
+        torch.save(state, f)
+
+
+def checksum(state) -> str:
+    """sha256 over every tensor's bytes (and every other value's repr) of ``state``,
+    in a fixed order: a flipped bit anywhere in the weights changes it."""
+    digest = hashlib.sha256()
+
+    def feed(key, value) -> None:
+        digest.update(repr(key).encode())
+        if isinstance(value, torch.Tensor):
+            t = value.detach().cpu().contiguous().reshape(-1)
+            digest.update(f"{t.dtype}{tuple(value.shape)}".encode())
+            digest.update(t.view(torch.uint8).numpy().tobytes())
+        elif isinstance(value, dict):
+            for k in sorted(value, key=repr):
+                if k != CHECKSUM:
+                    feed(k, value[k])
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                feed(i, v)
+        else:
+            digest.update(repr(value).encode())
+
+    feed("", state)
+    return digest.hexdigest()
+
+
+def remove_stale_temporaries(run_dir) -> list[Path]:
+    """Delete the ``.<name>.<pid>.tmp`` files that a killed process left in ``run_dir``
+    (a process alive under that pid keeps its own). Returns the deleted files."""
+    removed = []
+    for tmp in Path(run_dir).glob(".*.tmp"):
+        pid = tmp.name.rsplit(".", 2)[-2]
+        if not pid.isdigit() or (int(pid) != os.getpid() and _alive(int(pid))):
+            continue
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+            removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
     try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def locate(value, key: str = "checkpoint") -> Path:
@@ -69,6 +118,9 @@ def load(value, key: str = "checkpoint") -> dict:
             isinstance(v, torch.Tensor) for v in ckpt.values()) else type(ckpt).__name__
         raise ConfigError(f"{key}={value}: {path} is not a rode checkpoint (it holds {what}, "
                           f"not a model and its config)")
+    if CHECKSUM in ckpt and checksum(ckpt) != ckpt[CHECKSUM]:
+        raise ConfigError(f"{key}={value}: {path} is corrupted (its contents do not match the "
+                          f"sha256 checksum written with it); use an intact copy")
     return ckpt
 
 
@@ -101,6 +153,7 @@ class Progress:
     seen: int = 0           # ... and their number
     best_acc: float = 0.0
     seconds: float = 0.0    # training time before the current process started
+    record: dict | None = None   # the last evaluated epoch's metrics line
 
     def next_epoch(self) -> None:
         self.epoch, self.batch, self.loss_sum, self.seen = self.epoch + 1, 0, 0.0, 0
@@ -152,6 +205,26 @@ def set_rng_state(state: dict) -> None:
 
 
 # ------------------------------------------------------------ stopping
+class WriteFailed(RunFailed):
+    """A result file could not be written (disk full, permission lost): the message
+    names the cause and the file, e.g. 'no space left on device while writing
+    checkpoint.pt'."""
+
+    def __init__(self, error: OSError, path, epoch: int | None = None, step: int | None = None):
+        cause = (error.strerror or str(error) or type(error).__name__).lower()
+        super().__init__(f"{cause} while writing {Path(path).name}")
+        self.path, self.epoch, self.step = Path(path), epoch, step
+
+
+@contextlib.contextmanager
+def writing(path, epoch: int | None = None, step: int | None = None):
+    """Turn an OSError raised within the block into :class:`WriteFailed` naming ``path``."""
+    try:
+        yield
+    except OSError as e:
+        raise WriteFailed(e, path, epoch, step) from e
+
+
 class Interrupted(RodeError):
     """The run was asked to stop (SIGTERM, SIGINT) and checkpointed first.
     Exit code 128 + the signal number, as a shell reports a killed command."""
@@ -161,16 +234,29 @@ class Interrupted(RodeError):
         self.exit_code = 128 + signum
 
 
-class StopSignals:
-    """Within ``with StopSignals() as stop:``, SIGTERM and SIGINT set ``stop.signum``
-    instead of killing the process; a second SIGINT (Ctrl-C twice) stops at once.
-    Outside the main thread, where handlers cannot be installed, it does nothing."""
+def _stop_signals() -> tuple[int, ...]:
+    """SIGTERM (SLURM at the time limit, torchrun, kill), SIGINT (Ctrl-C), SIGUSR1 and
+    SIGUSR2 (schedulers' "time is almost up"), and submitit's preemption signal
+    (SUBMITIT_PREEMPT_SIGNAL, e.g. USR2)."""
+    found = [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2]
+    extra = getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"), None)
+    if isinstance(extra, signal.Signals) and extra not in found:
+        found.append(extra)
+    return tuple(found)
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+class StopSignals:
+    """Within ``with StopSignals() as stop:``, SIGTERM, SIGINT, SIGUSR1, SIGUSR2 (and
+    submitit's preemption signal) set ``stop.signum`` instead of killing the process;
+    a second SIGINT (Ctrl-C twice) stops at once. Once the run has checkpointed,
+    :meth:`pass_on` hands the signal to the handler that was there before (submitit's
+    checkpoint-and-requeue under its launchers). Outside the main thread, where
+    handlers cannot be installed, it does nothing."""
 
     def __init__(self):
         self.signum: int | None = None
         self._previous: dict[int, object] = {}
+        self.SIGNALS = _stop_signals()
 
     @property
     def requested(self) -> bool:
@@ -184,6 +270,15 @@ class StopSignals:
         if self.signum == signal.SIGINT and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signum = signum
+
+    def pass_on(self) -> None:
+        """Call the previous Python handler of the signal received, if there was one
+        (not Python's default Ctrl-C handler): e.g. submitit's, which requeues the
+        job and exits."""
+        handler = self._previous.get(self.signum) if self.signum else None
+        if callable(handler) and handler is not signal.default_int_handler:
+            self.__exit__()
+            handler(self.signum, None)
 
     def __enter__(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():
@@ -200,10 +295,6 @@ class StopSignals:
 def check_rebuilds(ckpt: dict, config, what: str) -> None:
     """ConfigError unless the model ``config`` describes (built without its data,
     from the shapes the checkpoint recorded) fits the checkpoint's weights."""
-    from omegaconf import OmegaConf
-
-    from .models import build_model
-
     shapes = ckpt.get("data")
     if not shapes:
         return

@@ -11,8 +11,9 @@ import itertools
 import os
 import sys
 
-from .config import check_writable_dir
+from . import config, rundir
 from .errors import ConfigError, RodeError
+from .schema import TASK_SCHEMAS
 from .tasks import TASKS, load_task
 
 # Hydra flags that take a value (the next word is not the task name).
@@ -25,7 +26,7 @@ _MAX_COMBINATIONS = 256
 def usage() -> str:
     width = max(map(len, TASKS))
     lines = ["usage: rode [-m] <task> [key=value ...] [--help]", "", "tasks:"]
-    lines += [f"  {name:<{width}}  {desc}" for name, (_, desc) in TASKS.items()]
+    lines += [f"  {name:<{width}}  {task.description}" for name, task in TASKS.items()]
     lines += ["", "examples:",
               "  rode train depth=1000 method=heun grad=adjoint",
               "  rode -m train depth=8,16,32 method=euler,heun",
@@ -49,11 +50,10 @@ def split_argv(argv: list[str]) -> tuple[str | None, list[str], list[str]]:
     return task, flags, overrides
 
 
-def bind_positional(module, overrides: list[str]) -> list[str]:
-    """``rode <task> <word>`` for a task that declares ``POSITIONAL = "<key>"``: the one
-    bare word (or an existing path, which may hold '=' and ',' as Hydra's job dirs do)
-    becomes ``<key>='<word>'``, quoted so that Hydra reads it as one string."""
-    key = getattr(module, "POSITIONAL", None)
+def bind_positional(key: str | None, overrides: list[str]) -> list[str]:
+    """``rode <task> <word>`` for a task with a positional key: the one bare word (or an
+    existing path, which may hold '=' and ',' as Hydra's job dirs do) becomes
+    ``<key>='<word>'``, quoted so that Hydra reads it as one string."""
     if not key:
         return overrides
     bare = [w for w in overrides if "=" not in w or os.path.exists(w)]
@@ -64,6 +64,28 @@ def bind_positional(module, overrides: list[str]) -> list[str]:
         return "'" + word.replace("'", "\\'") + "'"
 
     return [f"{key}={quoted(w)}" if w in bare else w for w in overrides]
+
+
+# Old spellings that still work, with a note: old key -> new key.
+RENAMED = {"batch": "batch_size"}
+
+
+def renamed_keys(task: str, overrides: list[str], notes: list[str] | None = None) -> list[str]:
+    """``batch=64`` -> ``batch_size=64`` (and ``+batch``, ``~batch``) for tasks that renamed
+    it; a note for each goes to ``notes`` (printed once the command line is valid)."""
+    keys = TASK_SCHEMAS[task].fields
+    out = []
+    for word in overrides:
+        key, eq, value = word.partition("=")
+        prefix = key[:len(key) - len(key.lstrip("+~"))]
+        bare = key[len(prefix):]
+        new = RENAMED.get(bare)
+        if new and new in keys and bare not in keys:
+            if notes is not None:
+                notes.append(f"rode {task}: note: {bare}= is now {new}= (the old name works for now)")
+            word = f"{prefix}{new}{eq}{value}"
+        out.append(word)
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -77,16 +99,19 @@ def main(argv: list[str] | None = None) -> None:
     if task not in TASKS:
         _die(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
 
-    module = load_task(task)
     multirun = any(f in _MULTIRUN for f in flags)
     only_hydra_flags = all(f in _MULTIRUN for f in flags)   # --help, --cfg ...: let Hydra answer
     try:
-        overrides = bind_positional(module, overrides)
-        if hasattr(module, "prepare_overrides"):   # the task's own command-line conveniences
-            overrides = module.prepare_overrides(overrides, multirun)
+        overrides = bind_positional(TASKS[task].positional, overrides)
+        notes: list[str] = []
+        overrides = renamed_keys(task, overrides, notes)
+        if "resume" in TASK_SCHEMAS[task].fields:
+            overrides = rundir.prepare_resume(overrides, multirun)
         if only_hydra_flags:
-            validate_overrides(task, module, overrides, multirun)
-        _run_hydra_app(task, module, flags + overrides + _worker_overrides())
+            validate_overrides(task, overrides, multirun)
+        for note in notes:
+            print(note, file=sys.stderr)
+        _run_hydra_app(task, load_task(task), flags + overrides + _worker_overrides())
     except _StopRequested as stop:
         _die(str(stop.error), stop.error.exit_code, task)
     except RodeError as e:
@@ -98,8 +123,16 @@ def main(argv: list[str] | None = None) -> None:
         raise
 
 
+def validate(task: str, module, cfg) -> None:
+    """Every check of a job's config: schema and rules (torch-free), then the task's own."""
+    config.validate(task, cfg)
+    if hasattr(module, "validate"):
+        module.validate(cfg)
+
+
 class _StopRequested(BaseException):
-    """Carries an Interrupted past Hydra's per-job ``except Exception``."""
+    """Carries an Interrupted (or a single run's failure) past Hydra's per-job
+    ``except Exception``, to be printed as one line by main()."""
 
     def __init__(self, error):
         super().__init__(str(error))
@@ -121,6 +154,8 @@ def _worker_overrides() -> list[str]:
 
 def _run_hydra_app(task: str, module, argv: list[str]) -> None:
     import hydra
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
     from .checkpoint import Interrupted
 
@@ -129,13 +164,19 @@ def _run_hydra_app(task: str, module, argv: list[str]) -> None:
 
     @hydra.main(config_path="conf", config_name=task, version_base="1.3")
     def app(cfg):
-        module.validate(cfg)
         try:
+            validate(task, module, cfg)
             return module.run(cfg)
         except Interrupted as e:
             # Hydra records a job's Exception and goes on to the next job of a sweep;
             # a stop request (SIGTERM on a preempted node, Ctrl-C) must end the sweep.
             raise _StopRequested(e) from None
+        except RodeError as e:
+            # A single run ends with our one line only (Hydra would add its own
+            # "Error executing job" line); in a sweep a failed job costs only itself.
+            if HydraConfig.get().mode == RunMode.RUN:
+                raise _StopRequested(e) from None
+            raise
 
     saved = sys.argv
     sys.argv = [f"rode {task}", *argv]
@@ -146,8 +187,10 @@ def _run_hydra_app(task: str, module, argv: list[str]) -> None:
 
 
 # ---------------------------------------------------------------- validation
-def validate_overrides(task: str, module, overrides: list[str], multirun: bool) -> None:
-    """Compose and validate the config of every job the command line describes."""
+def validate_overrides(task: str, overrides: list[str], multirun: bool) -> None:
+    """Compose and validate the config of every job the command line describes: the
+    schema and rules of every job first (no torch), then the task's own checks, then
+    the output dir. Nothing is written before all of them pass."""
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -176,7 +219,7 @@ def validate_overrides(task: str, module, overrides: list[str], multirun: bool) 
             else:
                 axes.append([o.input_line])
         hydra_overrides = [o.input_line for o in parsed if o.is_hydra_override()]
-        key, out_dir = ("hydra.sweep.dir" if multirun else "hydra.run.dir"), None
+        key, out_dir, jobs = ("hydra.sweep.dir" if multirun else "hydra.run.dir"), None, []
         for combo in _combinations(axes):
             try:
                 cfg = compose(config_name=task, overrides=[*combo, *hydra_overrides],
@@ -189,9 +232,20 @@ def validate_overrides(task: str, module, overrides: list[str], multirun: bool) 
                 pass   # the dir depends on a value that validate() reports as missing
             with open_dict(cfg):
                 del cfg["hydra"]
-            module.validate(cfg)
+            config.validate(task, cfg)
+            jobs.append(cfg)
+        module = load_task(task)
+        auto = bool(jobs and jobs[0].get("resume") == "auto")
+        for cfg in jobs:
+            if auto and not multirun and out_dir is not None:
+                cfg.out_dir = out_dir   # resume=auto checks the checkpoint there, if any
+            if hasattr(module, "validate"):
+                module.validate(cfg)
         if out_dir is not None:   # last: a bad value elsewhere creates nothing
-            check_writable_dir(out_dir, key)
+            config.check_writable_dir(out_dir, key)
+            resuming = bool(jobs and jobs[0].get("resume")) and not auto
+            if TASKS[task].writes_runs and not resuming:
+                rundir.check_fresh(out_dir, key, multirun, auto=auto)
     GlobalHydra.instance().clear()
 
 
@@ -215,6 +269,10 @@ def _hydra_message(e: Exception, overrides: list[str]) -> str:
     from hydra.errors import MissingConfigException
 
     text = str(e)
+    if "Could not load 'hydra/launcher/" in text:
+        option = next((o.split("=", 1)[1] for o in overrides if o.startswith("hydra/launcher=")), "")
+        return (f"hydra/launcher={option} needs the launcher plugins: "
+                f"pip install 'rode[cluster]'")
     if isinstance(e, MissingConfigException) and "Could not find '" in text:
         missing = text.split("Could not find '", 1)[1].split("'", 1)[0]
         group, _, option = missing.rpartition("/")

@@ -1,122 +1,43 @@
-"""Checks that turn a bad config value into one clear line (ConfigError, exit 2)."""
+"""Validation of a task's config: its typed schema, then the rules that tie keys together.
+
+``validate(task, cfg)`` is what the command line runs for every job before anything
+is written. Types, ranges and choices come from ``runner.schema`` (one spec per
+key); the cross-field rules of every task are here, each written once. Neither
+imports torch: checks that need it (a CUDA device, a checkpoint's weights, a
+dataset's files) are each task module's ``validate(cfg)``, which runs after these.
+"""
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from pathlib import Path
-from typing import Iterable
 
 from .errors import ConfigError
-
-MAX_DEPTH = 100_000
-
-
-def _get(cfg, key: str):
-    node = cfg
-    for part in key.split("."):
-        node = node[part]
-    return node
-
-
-def check_choice(cfg, key: str, choices: Iterable[str]) -> str:
-    choices = list(choices)
-    value = _get(cfg, key)
-    if value not in choices:
-        raise ConfigError(f"{key}={value!r} is not a valid choice; choose from "
-                          f"{', '.join(map(str, choices))}")
-    return value
-
-
-def check_int(cfg, key: str, low: int | None = None, high: int | None = None) -> int:
-    value = _get(cfg, key)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-            isinstance(value, float) and not value.is_integer()):
-        raise ConfigError(f"{key}={value!r} must be an integer{_range(low, high)}")
-    if (low is not None and value < low) or (high is not None and value > high):
-        raise ConfigError(f"{key}={value!r} is out of range: it must be an integer{_range(low, high)}")
-    return int(value)
-
-
-def check_float(cfg, key: str, low: float | None = None, high: float | None = None,
-                positive: bool = False) -> float:
-    value = _get(cfg, key)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{key}={value!r} must be a number")
-    if positive and not value > 0:
-        raise ConfigError(f"{key}={value!r} must be a number > 0")
-    if (low is not None and value < low) or (high is not None and value > high):
-        raise ConfigError(f"{key}={value!r} must be a number{_range(low, high)}")
-    return float(value)
+from .schema import IMAGE_MODELS, MAX_DEPTH, METHODS, check_config, to_list
 
 
 def as_list(cfg, key: str) -> list:
-    """``key=[a,b]`` as a list; a single value (``key=a``) is a list of one."""
-    value = _get(cfg, key)
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        values = [] if value is None else [value]
-    else:
-        values = list(value)
-    if not values:
-        raise ConfigError(f"{key}={value!r} is empty; give at least one value")
-    return values
-
-
-def check_choice_list(cfg, key: str, choices: Iterable[str]) -> list:
-    """A non-empty list whose items are each one of ``choices``."""
-    choices = list(choices)
-    values = as_list(cfg, key)
-    for v in values:
-        if v not in choices:
-            raise ConfigError(f"{key}: {v!r} is not a valid choice; choose from "
-                              f"{', '.join(map(str, choices))}")
-    return values
-
-
-def check_int_list(cfg, key: str, low: int | None = None, high: int | None = None,
-                   why: str = "") -> list[int]:
-    """A non-empty list of integers in [low, high] (``why`` explains the bounds)."""
-    values = as_list(cfg, key)
-    for v in values:
-        if isinstance(v, bool) or not isinstance(v, int) or (
-                low is not None and v < low) or (high is not None and v > high):
-            raise ConfigError(f"{key}: {v!r} must be an integer{_range(low, high)}{why}")
-    return [int(v) for v in values]
+    """``cfg[key]`` as a list (a single value is a list of one), once validated."""
+    return to_list(cfg[key])
 
 
 def show_progress(cfg) -> bool:
     """tqdm bars: on with ``progress=true`` and only when stdout is a terminal."""
-    import sys
-
     return bool(cfg.get("progress", True)) and sys.stdout.isatty()
 
 
-def check_bool(cfg, key: str) -> bool:
-    value = _get(cfg, key)
-    if not isinstance(value, bool):
-        raise ConfigError(f"{key}={value!r} must be true or false")
-    return value
-
-
-def _range(low, high) -> str:
-    if low is not None and high is not None:
-        return f" in [{low}, {high}]"
-    if low is not None:
-        return f" >= {low}"
-    if high is not None:
-        return f" <= {high}"
-    return ""
-
-
-def check_device(cfg, key: str = "device") -> str:
-    import torch
-
-    device = check_choice(cfg, key, ["cpu", "cuda", "auto"])
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"{key}=cuda but no CUDA device is available; use {key}=cpu or {key}=auto")
-    return device
-
-
-IMAGE_MODELS = ("conv", "resnet")
+# ------------------------------------------------------------ cross-field rules
+def check_depths(depths, methods, key: str) -> None:
+    """The one rule of depth: each scheme needs at least its fewest residual functions."""
+    methods = list(methods)
+    low = max(METHODS[m] for m in methods)
+    for d in to_list(depths):
+        if d < low:
+            which = methods[0] if len(methods) == 1 else ", ".join(methods)
+            raise ConfigError(f"{key}={d} is too small for method={which}: it needs "
+                              f"{key} >= {low}" + ("" if key == "depth" else f" (every depth in [{low}, "
+                                                   f"{MAX_DEPTH}])"))
 
 
 def check_image_data(cfg) -> None:
@@ -126,46 +47,102 @@ def check_image_data(cfg) -> None:
                           f"gives shape {list(cfg.dataset.shape)} (set dataset.shape=[C,H,W])")
 
 
-def check_model_config(cfg) -> None:
-    """The knobs every task that builds a ResidualStack model shares."""
-    from .gradmodes import GRAD_MODES
-    from .integrators import INTEGRATORS
-    from .models import INITS, grad_mode_from_config
-
-    method = check_choice(cfg, "method", INTEGRATORS)
-    if method == "momentum" and "gamma" in cfg:
-        check_float(cfg, "gamma", positive=True, high=0.999999)
-    check_choice(cfg, "grad", GRAD_MODES)
-    grad_mode_from_config(cfg)   # a bad option of that grad mode (adjoint.vjp=...): one line
-    check_choice(cfg, "init", INITS)
-    low = INTEGRATORS[method].min_functions
-    depth = check_int(cfg, "depth", 1, MAX_DEPTH)
-    if depth < low:
-        raise ConfigError(f"depth={depth} is too small for method={method}: it needs depth >= {low}")
-    check_int(cfg, "width", 1, 65_536)
-    check_int(cfg, "seed", 0)
+def check_dataset(cfg) -> None:
+    d = cfg.dataset
+    if d.name == "synthetic":
+        if len(d.shape) not in (1, 3):
+            raise ConfigError(f"dataset.shape={list(d.shape)} must be [D] (vectors) or [C,H,W] "
+                              f"(images)")
+        n_test = max(1, int(round(d.test_fraction * d.num_samples)))
+        if d.num_samples - n_test < 1:
+            raise ConfigError(f"dataset.num_samples={d.num_samples} with dataset.test_fraction="
+                              f"{d.test_fraction} leaves no training example")
+    if d.name == "imagenet":
+        if d.resize < d.image_size:
+            raise ConfigError(f"dataset.resize={d.resize} must be >= dataset.image_size={d.image_size}")
+        if d.download:
+            raise ConfigError("dataset.download=true is not possible for imagenet: it has no "
+                              "public download; put an ImageFolder tree under dataset.root")
 
 
-def check_training_config(cfg) -> None:
-    check_int(cfg, "epochs", 1)
-    check_int(cfg, "batch_size", 1)
-    if "eval_batch_size" in cfg:
-        check_int(cfg, "eval_batch_size", 1)
-    if cfg.get("threads") is not None:
-        check_int(cfg, "threads", 1, 1024)
-    check_float(cfg, "lr", positive=True)
-    check_float(cfg, "momentum", 0.0, 1.0)
-    check_float(cfg, "weight_decay", 0.0)
-    check_choice(cfg, "optimizer", ["sgd", "adam"])
-    check_choice(cfg, "schedule", ["constant", "step", "cosine"])
-    check_bool(cfg, "progress")
-    check_device(cfg)
+def check_world(cfg) -> None:
+    world = env_world_size()
+    if cfg.batch_size % world:
+        raise ConfigError(f"batch_size={cfg.batch_size} must be a multiple of the {world} "
+                          f"processes (each takes batch_size/{world} examples)")
 
 
+def env_world_size() -> int:
+    """How many processes the launcher started (1 when run plainly)."""
+    if "WORLD_SIZE" in os.environ:
+        return int(os.environ["WORLD_SIZE"])
+    # A SLURM job of several tasks under submitit: every task runs the same job.
+    if not os.environ.get("SUBMITIT_EXECUTOR") or int(os.environ.get("SLURM_NTASKS", 1)) <= 1:
+        return 1
+    return int(os.environ["SLURM_NTASKS"])
+
+
+def _stack_model(cfg) -> None:
+    check_depths(cfg.depth, [cfg.method], "depth")
+    check_image_data(cfg)
+    check_dataset(cfg)
+
+
+def _train(cfg) -> None:
+    if cfg.get("resume") and cfg.resume != "auto":
+        return   # the checkpoint's own config is validated when it is read
+    _stack_model(cfg)
+    check_world(cfg)
+
+
+def _memory(cfg) -> None:
+    check_depths(cfg.depths, [cfg.method], "depths")
+    check_image_data(cfg)
+    check_dataset(cfg)
+
+
+def _bench(cfg) -> None:
+    check_depths(cfg.depths, to_list(cfg.methods), "depths")
+
+
+def _linear(cfg) -> None:
+    check_depths(cfg.depths, [cfg.method], "depths")
+
+
+def _discretization(cfg) -> None:
+    largest = max(to_list(cfg.depths))
+    if cfg.ref_steps < 4 * largest:
+        raise ConfigError(f"ref_steps={cfg.ref_steps} must be at least 4 x the largest depth "
+                          f"({4 * largest}) for the reference to be finer than the ResNets")
+
+
+def _gradcheck(cfg) -> None:
+    if cfg.get("amp") and cfg.dtype != "float32":
+        raise ConfigError(f"amp=true autocasts float32 weights; dtype={cfg.dtype} needs amp=false "
+                          f"(or set dtype=float32)")
+    if cfg.checkpoint is None:   # else the checkpoint's config gives the architecture
+        _stack_model(cfg)
+
+
+RULES = {"train": _train, "memory": _memory, "bench": _bench, "linear": _linear,
+         "discretization": _discretization, "gradcheck": _gradcheck}
+
+
+def validate(task: str, cfg) -> None:
+    """The schema of ``task``, then its cross-field rules: ConfigError on the first bad value."""
+    check_config(task, cfg)
+    rule = RULES.get(task)
+    if rule is not None:
+        rule(cfg)
+
+
+# ------------------------------------------------------------------ paths
 def check_writable_dir(path, key: str = "out_dir") -> Path:
     """ConfigError unless ``path`` is, or can be created as, a directory this process
     can write in. Probes by creating (and removing) a temporary dir in the nearest
     existing ancestor: permission bits alone do not tell (root, read-only mounts)."""
+    if path is None or not str(path).strip():
+        raise ConfigError(f"{key} is empty; give a directory")
     path = Path(str(path)).expanduser().absolute()
     existing = path
     while not existing.exists():

@@ -6,6 +6,9 @@ mapping x_0 to x_S, the output of the Euler or Heun ResNet. Every contender
 computes that same function in its forward pass; they differ in what they keep
 for the backward pass and so in time, memory and gradient accuracy:
 
+- ``plain``: a plain eager loop over the same modules, with autograd: no
+  stack, no grad mode, no integrator object. The floor any wrapper is compared
+  with (exact, memory O(N)).
 - ``backprop``: autograd through every step (exact, memory O(N)).
 - ``adjoint`` / ``adjoint_shared``: the discrete adjoint, ``Adjoint(vjp="exact")``
   or ``Adjoint(vjp="shared")`` (memory O(1), approximate gradients).
@@ -61,6 +64,38 @@ class Contender:
 
 
 EVERY_METHOD = ("euler", "heun", "rev_heun", "momentum")
+
+
+class _PlainLoop(nn.Module):
+    """x_0 -> x_S by a bare Python loop over the functions: Euler or Heun with
+    step 1/N, written out as a user would."""
+
+    def __init__(self, functions, method):
+        super().__init__()
+        self.functions = nn.ModuleList(functions)
+        self.heun = method == "heun"
+
+    def forward(self, x):
+        fs = list(self.functions)
+        h = 1.0 / len(fs)
+        if not self.heun:
+            for f in fs:
+                x = x + h * f(x)
+            return x
+        half = 0.5 * h
+        for f, g in zip(fs[:-1], fs[1:]):
+            k1 = f(x)
+            k2 = g(x + h * k1)
+            x = x + half * (k1 + k2)
+        return x
+
+
+class PlainContender(Contender):
+    name = "plain"
+    description = "a plain eager loop over the same modules, with autograd (the floor)"
+
+    def build(self, functions, method, **options):
+        return _PlainLoop(functions, method)
 
 
 class BackpropContender(Contender):
@@ -224,6 +259,6 @@ class MemcnnContender(Contender):
 
 
 CONTENDERS: dict[str, Contender] = {c.name: c for c in [
-    BackpropContender(), AdjointContender("exact"), AdjointContender("shared"),
+    PlainContender(), BackpropContender(), AdjointContender("exact"), AdjointContender("shared"),
     CheckpointContender(), TorchdiffeqContender(), MemcnnContender(),
 ]}

@@ -2,21 +2,13 @@
 or on disk, with the input shape and number of classes the model needs."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from .databundle import DataBundle
 from .vision import VISION_DATASETS
-
-
-@dataclass
-class DataBundle:
-    train: Dataset
-    test: Dataset
-    input_shape: tuple[int, ...]
-    num_classes: int
 
 
 def _split(x: torch.Tensor, y: torch.Tensor, test_fraction: float, seed: int):

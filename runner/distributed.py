@@ -21,19 +21,7 @@ import torch
 import torch.distributed as torch_dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-
-def env_world_size() -> int:
-    """How many processes the launcher started (1 when run plainly)."""
-    if "WORLD_SIZE" in os.environ:
-        return int(os.environ["WORLD_SIZE"])
-    return _submitit_tasks()
-
-
-def _submitit_tasks() -> int:
-    # A SLURM job of several tasks under submitit: every task runs the same job.
-    if not os.environ.get("SUBMITIT_EXECUTOR") or int(os.environ.get("SLURM_NTASKS", 1)) <= 1:
-        return 1
-    return int(os.environ["SLURM_NTASKS"])
+from .config import env_world_size
 
 
 @dataclass

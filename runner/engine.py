@@ -1,10 +1,10 @@
 """The training loop: one readable function, with hooks called at fixed points."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
-import os
 import random
 import resource
 import time
@@ -16,11 +16,14 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from . import checkpoint, distributed
-from .data import DataBundle, build_dataset, make_loader
+from . import checkpoint, distributed, provenance, selection, tracking
 from .config import show_progress
+from .data import build_dataset, make_loader
+from .databundle import DataBundle
 from .errors import RunFailed
-from .hooks import Hook, build_hooks
+from .hooks import build_hooks
+from .hooks.base import Hook
+from .io import append_jsonl, plain, write_json, write_text
 from .models import build_model
 from .stack import roundtrip_error
 
@@ -89,18 +92,6 @@ def mixed_precision(amp: bool, device: torch.device):
     return (lambda: torch.autocast("cuda", dtype=dtype, enabled=enabled)), scaler
 
 
-def atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def write_json(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 # --------------------------------------------------------------- run state
 @dataclass
 class Run:
@@ -116,6 +107,7 @@ class Run:
     step: int = 0
     last_loss: float = float("nan")
     is_main: bool = True            # the process that writes (all but one skip it under DDP)
+    sinks: list = field(default_factory=list)   # trackers: each called with (hook, line)
     metrics_path: Path = field(init=False)
 
     def __post_init__(self):
@@ -126,17 +118,14 @@ class Run:
         if not self.is_main:
             return
         line = {"hook": hook, "epoch": self.epoch, "step": self.step, **record} if hook else record
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(line) + "\n")
+        append_jsonl(line, self.metrics_path)
+        for sink in self.sinks:
+            sink(hook, line)
 
     def probe_batch(self, size: int = 128):
         """A fixed batch of training data, the same at every call."""
         x, y = next(iter(make_loader(self.data.train, size, shuffle=False, seed=0)))
         return x.to(self.device), y.to(self.device)
-
-
-def _config_dict(cfg) -> dict:
-    return OmegaConf.to_container(cfg, resolve=True)
 
 
 # -------------------------------------------------------------------- train
@@ -153,6 +142,13 @@ def train(cfg, hooks: list[Hook] | None = None, *, model: torch.nn.Module | None
     try:
         with checkpoint.StopSignals() as stop:
             return _train(cfg, hooks, model, data, resume, dist, device, stop)
+    except checkpoint.WriteFailed as e:   # disk full, permission lost: say so, keep the rest
+        if dist.is_main:
+            with contextlib.suppress(OSError):
+                write_json({"status": "failed", "error": str(e), "epoch": e.epoch,
+                            "steps": e.step, "config": plain(cfg)},
+                           Path(cfg.out_dir) / "summary.json")
+        raise RunFailed(f"{e} (run dir: {cfg.out_dir})") from None
     finally:
         dist.close()
 
@@ -160,11 +156,13 @@ def train(cfg, hooks: list[Hook] | None = None, *, model: torch.nn.Module | None
 def _train(cfg, hooks, model, data, resume, dist, device, stop) -> dict:
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    provenance.set_deterministic(bool(cfg.get("deterministic", False)))
     seed_everything(cfg.seed)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
     data = build_dataset(cfg.dataset) if data is None else data
+    data = selection.split_validation(data, float(cfg.dataset.get("val_fraction") or 0))
     if model is None:
         model = build_model(cfg, data.input_shape, data.num_classes)
     model = model.to(device)
@@ -178,6 +176,9 @@ def _train(cfg, hooks, model, data, resume, dist, device, stop) -> dict:
     test_loader = distributed.loader(data.test, int(cfg.get("eval_batch_size", 1024)), dist,
                                      shuffle=False, seed=cfg.seed, num_workers=workers,
                                      pin_memory=pin)
+    val_loader = None if data.val is None else distributed.loader(
+        data.val, int(cfg.get("eval_batch_size", 1024)), dist, shuffle=False, seed=cfg.seed,
+        num_workers=workers, pin_memory=pin)
     autocast, scaler = mixed_precision(bool(cfg.get("amp", False)), device)
     total_steps = cfg.epochs * len(train_loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -188,13 +189,23 @@ def _train(cfg, hooks, model, data, resume, dist, device, stop) -> dict:
     if resume is not None:
         progress = checkpoint.restore(resume, model, optimizer, scheduler, scaler,
                                       f"resume={out_dir}")
+    sel = selection.from_config(cfg, (resume or {}).get("selection"))   # best epoch so far
     net = dist.wrap(model, device)           # what trains: DDP over the processes, or the model
     run = Run(cfg, out_dir, model, optimizer, data, device, step=progress.step,
               is_main=dist.is_main)
     # Measurements run once, in the process that writes.
     hooks = (build_hooks(cfg.get("hooks")) if hooks is None else hooks) if dist.is_main else []
-    if resume is None and run.is_main:
-        run.metrics_path.write_text("")      # a fresh run owns its metrics file
+    if run.is_main:
+        checkpoint.remove_stale_temporaries(out_dir)   # left by a killed process
+        with checkpoint.writing(run.metrics_path):
+            if resume is None:
+                run.metrics_path.write_text("")      # a fresh run owns its metrics file
+            else:                                    # lines of work the checkpoint lacks go
+                _rewind_metrics(run.metrics_path, progress)
+    trackers = tracking.start(cfg, out_dir, plain(cfg), (resume or {}).get("tracking")) \
+        if dist.is_main else None
+    if trackers is not None:
+        run.sinks.append(trackers)
     progress_bar = show_progress(cfg) and dist.is_main
     start = time.perf_counter()
 
@@ -202,11 +213,25 @@ def _train(cfg, hooks, model, data, resume, dist, device, stop) -> dict:
         return round(progress.seconds + time.perf_counter() - start, 3)
 
     def save() -> None:
+        nonlocal last_save
+        last_save = time.monotonic()
         if dist.is_main:
-            checkpoint.save(checkpoint.training_state(model, optimizer, scheduler, scaler,
-                                                      progress, _config_dict(cfg), seconds(),
-                                                      data),
-                            out_dir / checkpoint.FILENAME)
+            path = out_dir / checkpoint.FILENAME
+            with checkpoint.writing(path, run.epoch, run.step):
+                checkpoint.save(checkpoint.training_state(model, optimizer, scheduler, scaler,
+                                                          progress, plain(cfg), seconds(),
+                                                          data)
+                                | {"selection": sel.state(),
+                                   "tracking": trackers.state() if trackers else {}}, path)
+
+    # Checkpoints within epochs too: every K steps and/or every T minutes.
+    every = cfg.get("checkpoint") if OmegaConf.is_dict(cfg.get("checkpoint")) else {}
+    every_steps, every_minutes = every.get("every_steps"), every.get("every_minutes")
+    last_save = time.monotonic()
+
+    def save_due() -> bool:
+        return bool((every_steps and run.step % every_steps == 0) or
+                    (every_minutes and time.monotonic() - last_save >= 60 * every_minutes))
 
     for hook in hooks:
         hook.on_train_start(run)
@@ -215,6 +240,8 @@ def _train(cfg, hooks, model, data, resume, dist, device, stop) -> dict:
         run.log(None, {"event": "resumed", "epoch": progress.epoch, "step": progress.step})
 
     for epoch in range(progress.epoch, cfg.epochs + 1):
+        if sel.stopped:                      # resumed after early stopping: nothing to train
+            break
         run.epoch = epoch
         # ---- train one epoch (a resumed one from the batch it had reached)
         net.train()
@@ -249,6 +276,8 @@ def _train(cfg, hooks, model, data, resume, dist, device, stop) -> dict:
             if stopping or (stop.requested and not dist.enabled):   # keep this step, stop
                 save()
                 _interrupt(run, stop, dist, device, seconds())
+            if save_due():
+                save()
         bar.close()
 
         # ---- evaluate, log, checkpoint
@@ -258,19 +287,35 @@ def _train(cfg, hooks, model, data, resume, dist, device, stop) -> dict:
         record = {"epoch": epoch, "step": run.step, "train_loss": progress.loss_sum / progress.seen,
                   "test_loss": test_loss, "test_acc": test_acc,
                   "lr": optimizer.param_groups[0]["lr"], "seconds": seconds()}
+        if val_loader is not None:
+            with autocast():
+                record["val_loss"], record["val_acc"] = evaluate(model, val_loader, device, dist)
+        if sel.update(record) and dist.is_main:
+            selection.save_best(model, plain(cfg), data, record, out_dir / selection.BEST)
         roundtrip = roundtrip_error(model)   # the adjoint's self-check, at the last step
         if roundtrip is not None:
             record["roundtrip_error"] = roundtrip
-        run.log(None, record)
+        progress.record = record
+        progress.next_epoch()
+        save()                 # first the checkpoint, then its line: a kill between the two
+        with checkpoint.writing(run.metrics_path, epoch, run.step):   # ... is mended on resume
+            run.log(None, record)
         if dist.is_main:
             log.info("epoch %d/%d  train_loss %.4f  test_loss %.4f  test_acc %.4f",
                      epoch, cfg.epochs, record["train_loss"], test_loss, test_acc)
-        progress.next_epoch()
-        save()
         for hook in hooks:
             hook.on_epoch_end(run)
-        if dist.sum([float(stop.requested)], device)[0]:   # told to stop while evaluating
+        if sel.stopped:
+            run.log(None, {"event": "early_stopping", "epoch": epoch, "step": run.step,
+                           "best_epoch": sel.best_epoch, sel.monitor: sel.best_value})
+            break
+        # Told to stop while evaluating: stop, unless only the summary is left to write.
+        if dist.sum([float(stop.requested)], device)[0] and epoch < cfg.epochs:
             _interrupt(run, stop, dist, device, seconds())
+
+    # The last epoch's line; from the checkpoint when the run stopped before its summary.
+    record = progress.record
+    test_loss, test_acc = record["test_loss"], record["test_acc"]
 
     for hook in hooks:
         hook.on_train_end(run)
@@ -280,12 +325,42 @@ def _train(cfg, hooks, model, data, resume, dist, device, stop) -> dict:
                "seconds": seconds(), "steps": run.step,
                "epochs": cfg.epochs, "peak_memory_bytes": peak, "peak_memory_kind": peak_kind,
                "device": str(device), "world_size": dist.world_size,
-               "config": _config_dict(cfg)}
+               "config": plain(cfg)}
+    summary.update(sel.summary(), epochs_run=progress.epoch - 1, best_metrics=sel.best_record,
+                   provenance=provenance.provenance(device))
     if dist.enabled:   # DDP keeps the replicas equal; say so, measured
         summary["rank_param_max_diff"] = distributed.max_param_divergence(model, dist)
     if dist.is_main:
-        write_json(summary, out_dir / "summary.json")
+        with checkpoint.writing(out_dir / "summary.json", cfg.epochs, run.step):
+            write_json(summary, out_dir / "summary.json")
+    if trackers is not None:
+        trackers.finish(summary)
     return summary
+
+
+def _rewind_metrics(path: Path, progress: checkpoint.Progress) -> None:
+    """metrics.jsonl as of the checkpoint a run resumes from: lines of steps after it
+    (work done again now) go, events stay, and the last epoch's line is added if a
+    kill came between the checkpoint and writing it."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    keep, records = [], set()
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue   # half a line, from a kill while writing it
+        if isinstance(rec, dict) and "event" not in rec and rec.get("step", 0) > progress.step:
+            continue
+        keep.append(line)
+        if isinstance(rec, dict) and "test_acc" in rec and rec.get("hook") is None:
+            records.add(rec.get("epoch"))
+    last = progress.record
+    if last is not None and last.get("epoch") not in records:
+        keep.append(json.dumps(last))
+    if keep != lines:
+        write_text("".join(line + "\n" for line in keep), path)
 
 
 def _fail(run: Run, message: str, seconds: float) -> None:
@@ -293,7 +368,7 @@ def _fail(run: Run, message: str, seconds: float) -> None:
     run.log(None, {"event": "failed", "epoch": run.epoch, "step": run.step, "error": message})
     if run.is_main:
         write_json({"status": "failed", "error": message, "epoch": run.epoch, "steps": run.step,
-                    "seconds": seconds, "config": _config_dict(run.cfg)},
+                    "seconds": seconds, "config": plain(run.cfg)},
                    run.out_dir / "summary.json")
     raise RunFailed(f"{message} (run dir: {run.out_dir})")
 
@@ -303,6 +378,7 @@ def _interrupt(run: Run, stop, dist, device, seconds: float) -> None:
     run.log(None, {"event": "interrupted", "signal": stop.name or "SIGTERM", "epoch": run.epoch,
                    "step": run.step, "seconds": seconds})
     dist.barrier()                           # rank 0 has finished writing the checkpoint
+    stop.pass_on()                           # e.g. submitit's requeue (it exits)
     raise checkpoint.Interrupted(
         f"stopped by {stop.name or 'a signal on another process'} at epoch {run.epoch}, "
         f"step {run.step}; checkpoint saved, continue with: rode train resume={run.out_dir}",

@@ -1,18 +1,30 @@
-"""How gradients flow through a ResidualStack: ordinary backprop, or the discrete adjoint."""
+"""How gradients flow through a ResidualStack: ordinary backprop, or the discrete adjoint.
+
+The adjoint is made of small parts: its options (:class:`AdjointOptions`, checked
+when made), the self-check's escalation policy (:class:`Escalation`), the compile
+cache (:class:`CompileCache`), the check for tensors it cannot differentiate
+(:class:`LeafCheck`), and the integrators' own backward steps
+(:meth:`runner.integrators.Integrator.shared_vjp`).
+"""
 from __future__ import annotations
 
 import logging
 import math
 import warnings
 import weakref
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from .errors import ConfigError
-from .integrators import Euler, Heun, Momentum, ReversibleHeun
+from .integrators import INTEGRATORS, vjp as _vjp
 
 log = logging.getLogger("rode")
+
+DOUBLE_BACKWARD = ("grad=adjoint: the adjoint's backward pass is not differentiable "
+                   "(create_graph=True / double backward); use grad=backprop for "
+                   "higher-order gradients")
 
 
 class GradModeOptionError(ConfigError, ValueError):
@@ -44,6 +56,233 @@ class Backprop(GradMode):
         return x
 
 
+# ------------------------------------------------------------------ options
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class AdjointOptions:
+    """The options of :class:`Adjoint` (documented there), checked when made.
+    ``anchor_every`` and ``segment`` become ints, ``max_roundtrip`` a float, and
+    ``roundtrip`` is on whenever ``max_roundtrip`` is set."""
+
+    vjp: str = "exact"
+    compile: bool = False
+    anchor_every: int | None = None
+    roundtrip: bool = False
+    max_roundtrip: float | None = None
+    segment: int | None = None
+
+    VJPS: ClassVar[tuple[str, ...]] = ("exact", "shared")
+
+    def __post_init__(self):
+        vjp, anchor_every, max_roundtrip = self.vjp, self.anchor_every, self.max_roundtrip
+        if vjp not in self.VJPS:
+            raise GradModeOptionError(f"adjoint.vjp={vjp!r} is not a valid choice; choose from "
+                                      f"{', '.join(self.VJPS)}")
+        if not isinstance(self.compile, bool):
+            raise GradModeOptionError(f"adjoint.compile={self.compile!r} must be true or false")
+        if anchor_every is not None and (not _is_number(anchor_every) or anchor_every < 1
+                                         or not float(anchor_every).is_integer()):
+            raise GradModeOptionError(f"adjoint.anchor_every={anchor_every!r} must be an integer "
+                                      ">= 1, or null (no anchors: the paper's adjoint)")
+        if not isinstance(self.roundtrip, bool):
+            raise GradModeOptionError(f"adjoint.roundtrip={self.roundtrip!r} must be true or false")
+        if max_roundtrip is not None and (not _is_number(max_roundtrip) or not max_roundtrip > 0):
+            raise GradModeOptionError(f"adjoint.max_roundtrip={max_roundtrip!r} must be a number "
+                                      "> 0, or null (no tolerance)")
+        segment = self.segment
+        if segment is not None and (not _is_number(segment) or segment < 1
+                                    or not float(segment).is_integer()):
+            raise GradModeOptionError(f"adjoint.segment={segment!r} must be an integer >= 1, "
+                                      "or null (chosen from the state's size)")
+        if segment is not None:
+            object.__setattr__(self, "segment", int(segment))
+        if anchor_every is not None:
+            object.__setattr__(self, "anchor_every", int(anchor_every))
+        if max_roundtrip is not None:
+            object.__setattr__(self, "max_roundtrip", float(max_roundtrip))
+            object.__setattr__(self, "roundtrip", True)
+
+    def changed(self) -> list[str]:
+        """The options that differ from the defaults, as ``key=value`` (for repr)."""
+        out = []
+        if self.vjp != "exact":
+            out.append(f"vjp={self.vjp!r}")
+        if self.compile:
+            out.append("compile=True")
+        if self.anchor_every is not None:
+            out.append(f"anchor_every={self.anchor_every}")
+        if self.max_roundtrip is not None:
+            out.append(f"max_roundtrip={self.max_roundtrip:g}")
+        elif self.roundtrip:
+            out.append("roundtrip=True")
+        if self.segment is not None:
+            out.append(f"segment={self.segment}")
+        return out
+
+    # segment=None: as many steps per segment as keep the segment's rebuilt states
+    # within SEGMENT_BYTES, at most MAX_SEGMENT (docs/benchmarks.md: the measurements).
+    SEGMENT_BYTES: ClassVar[int] = 1 << 20
+    MAX_SEGMENT: ClassVar[int] = 32
+
+    def segment_for(self, state: torch.Tensor) -> int:
+        """Steps per autograd call of the exact vjp, for states like ``state``."""
+        if self.segment is not None:
+            return self.segment
+        size = max(1, state.numel() * state.element_size())
+        return max(1, min(self.MAX_SEGMENT, self.SEGMENT_BYTES // size))
+
+
+# ------------------------------------------------------- the adjoint's parts
+class Escalation:
+    """The self-check's policy. When a stack's round-trip error passes
+    ``max_roundtrip``, a warning is logged and that stack keeps anchors every
+    ceil(sqrt(S)) steps from then on (S steps); passed again, at every step.
+
+    One grad mode may serve several stacks: the switches are kept per stack, by
+    weak reference, and are not kept by pickling or copying."""
+
+    def __init__(self, anchor_every: int | None, max_roundtrip: float | None):
+        self.anchor_every, self.max_roundtrip = anchor_every, max_roundtrip
+        self._every: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # stack -> k
+
+    def __getstate__(self) -> dict:
+        return {"anchor_every": self.anchor_every, "max_roundtrip": self.max_roundtrip}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state)
+
+    def anchor_every_of(self, stack) -> int | None:
+        """The stack's anchor spacing now: the option, or what the policy switched to."""
+        return self._every.get(stack, self.anchor_every)
+
+    def record(self, stack, error: torch.Tensor) -> None:
+        """Compare a measured round-trip error with the tolerance; switch the stack
+        one level up where it passes (NaN passes the tolerance too)."""
+        if self.max_roundtrip is None:
+            return
+        value = float(error)
+        if value <= self.max_roundtrip:
+            return
+        steps = stack.num_steps
+        now = self.anchor_every_of(stack)
+        sqrt_steps = math.ceil(math.sqrt(steps))
+        if now is None or now > sqrt_steps:
+            new, what = sqrt_steps, f"anchored mode (adjoint.anchor_every={sqrt_steps})"
+        elif now > 1:
+            new, what = 1, "exact mode (every state kept: backprop's gradient, memory O(depth))"
+        else:
+            return   # every state is kept already: the gradient is exact
+        self._every[stack] = new
+        log.warning("adjoint self-check: round-trip error %.3g of a %s stack (%d steps) passed "
+                    "adjoint.max_roundtrip=%g; that stack switches to %s from the next step on",
+                    value, stack.integrator.name, steps, self.max_roundtrip, what)
+
+
+class CompileCache:
+    """``torch.compile`` per residual function, made on first use. Where compiling
+    fails: a warning, and eager evaluation from then on. Pickling or copying keeps
+    the failure, not the compiled functions."""
+
+    def __init__(self, failed: bool = False):
+        self.failed = failed
+        self._compiled: dict[int, object] = {}   # id(function) -> compiled function
+
+    def __getstate__(self) -> dict:
+        return {"failed": self.failed}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state)
+
+    def caller(self, functions):
+        """``call(i, x)`` evaluating ``functions[i]`` compiled (or eagerly)."""
+        def call(i, x):
+            f = functions[i]
+            if self.failed:
+                return f(x)
+            compiled = self._compiled.get(id(f))
+            if compiled is None:
+                compiled = self._compiled[id(f)] = torch.compile(f, dynamic=False)
+            try:
+                return compiled(x)
+            except Exception as e:   # no compiler, unsupported op...: run eagerly
+                self.failed = True
+                warnings.warn(f"adjoint.compile: torch.compile failed ({type(e).__name__}: "
+                              f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}); "
+                              "running eagerly", RuntimeWarning, stacklevel=2)
+                return f(x)
+
+        return call
+
+
+class LeafCheck:
+    """Refuses residual functions whose gradient the adjoint would silently drop.
+
+    The adjoint differentiates each function with respect to its input and its
+    own parameters. A function that also uses another tensor requiring grad (one
+    captured in a closure, a parameter of a module outside the function) would get
+    no gradient there, where backprop gives one. Each function is checked once
+    (per grad mode), at its first evaluation with a graph in a backward pass: its
+    graph is walked back to the leaves, stopping at the input."""
+
+    def __init__(self):
+        self._checked: weakref.WeakSet = weakref.WeakSet()   # functions found fine
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+
+    def pending(self, stack) -> dict:
+        """{i: function} for the functions of the stack not checked yet."""
+        return {i: f for i, f in enumerate(stack.functions) if f not in self._checked}
+
+    def checking(self, call, pending: dict):
+        """``call`` that checks the pending functions it evaluates with a graph."""
+        def checked(i, x):
+            out = call(i, x)
+            if i in pending and torch.is_grad_enabled():
+                f = pending.pop(i)
+                if f not in self._checked:
+                    self.verify(i, f, x, out)
+                    self._checked.add(f)
+            return out
+
+        return checked
+
+    @staticmethod
+    def verify(i: int, function, x: torch.Tensor, out: torch.Tensor) -> None:
+        """Raise ValueError if ``out = function(x)`` reaches a leaf requiring grad
+        that is neither x nor one of the function's parameters."""
+        known = {id(p) for p in function.parameters()}
+        stop = x.grad_fn
+        seen = {}   # id(node) -> node, kept alive while walking
+        todo = [] if out.grad_fn is None else [out.grad_fn]
+        while todo:
+            node = todo.pop()
+            if node is stop:
+                continue
+            leaf = getattr(node, "variable", None)   # AccumulateGrad: a leaf tensor
+            if leaf is not None:
+                if leaf is not x and id(leaf) not in known:
+                    raise ValueError(
+                        f"grad=adjoint: residual function {i} ({type(function).__name__}) uses a "
+                        f"tensor that requires grad but is not one of its parameters (shape "
+                        f"{list(leaf.shape)}; e.g. captured in a closure, or a parameter of a "
+                        "module outside the function), whose gradient the adjoint would leave "
+                        "None. Register it as an nn.Parameter of the residual function, or use "
+                        "grad=backprop")
+                continue
+            for child, _ in node.next_functions:
+                if child is not None and id(child) not in seen:
+                    seen[id(child)] = child
+                    todo.append(child)
+
+
+# ------------------------------------------------------------------ adjoint
 class Adjoint(GradMode):
     """The memory-free discrete adjoint (Sander et al., 2022).
 
@@ -72,6 +311,16 @@ class Adjoint(GradMode):
         compile: evaluate the residual functions through ``torch.compile`` (off by
             default). Falls back to eager, with a warning, where compiling fails;
             not used when dropout randomness must be replayed.
+        segment: with ``vjp="exact"``, how many backward steps share one autograd
+            call (the gradient is the same, to rounding: each step's vjp is still
+            taken at its own rebuilt state). The segment's K steps are rebuilt
+            first, then evaluated once more with one graph through all K, and one
+            ``autograd.grad`` takes their vjps together: fewer calls into autograd,
+            which decide the time when the layers are small, for K rebuilt states
+            and K steps' activations held at once (memory O(K), still flat in
+            depth). None (default): K = 1 MiB / the state's bytes, between 1 and
+            32 (32 at width 64 and batch 64 in float32, 1 from a million floats
+            per state up); 1: one call per step.
         anchor_every: keep every k-th state of the forward pass (x_0, x_k, x_2k...)
             as anchors: memory O(N/k). The backward pass rebuilds inside each
             segment only: at an anchor, the stored state replaces the rebuilt one
@@ -88,82 +337,52 @@ class Adjoint(GradMode):
             step on, that stack keeps anchors every ceil(sqrt(S)) steps (S steps);
             passed again, at every step (backprop's gradient, memory O(N)).
 
-    Subclasses add options as keyword arguments; the backward pass is
-    :meth:`backward_pass`, one :meth:`backward_step` per step.
+    Two uses would silently lose gradient terms, and raise instead: a
+    differentiable backward pass (``create_graph=True``, e.g. a gradient penalty:
+    RuntimeError), and a residual function using a tensor that requires grad but
+    is not one of its parameters (ValueError, see :class:`LeafCheck`).
+
+    The options are held as :attr:`options`, an :class:`AdjointOptions`; the
+    backward pass is :meth:`backward_pass`, one :meth:`backward_step` per step.
     """
 
     name = "adjoint"
-    VJPS = ("exact", "shared")
+    VJPS = AdjointOptions.VJPS
 
     def __init__(self, vjp: str = "exact", compile: bool = False, anchor_every: int | None = None,
-                 roundtrip: bool = False, max_roundtrip: float | None = None):
-        if vjp not in self.VJPS:
-            raise GradModeOptionError(f"adjoint.vjp={vjp!r} is not a valid choice; choose from "
-                                      f"{', '.join(self.VJPS)}")
-        if not isinstance(compile, bool):
-            raise GradModeOptionError(f"adjoint.compile={compile!r} must be true or false")
-        if anchor_every is not None and (
-                isinstance(anchor_every, bool) or not isinstance(anchor_every, (int, float))
-                or anchor_every != int(anchor_every) or anchor_every < 1):
-            raise GradModeOptionError(f"adjoint.anchor_every={anchor_every!r} must be an integer "
-                                      ">= 1, or null (no anchors: the paper's adjoint)")
-        if not isinstance(roundtrip, bool):
-            raise GradModeOptionError(f"adjoint.roundtrip={roundtrip!r} must be true or false")
-        if max_roundtrip is not None and (
-                isinstance(max_roundtrip, bool) or not isinstance(max_roundtrip, (int, float))
-                or not max_roundtrip > 0):
-            raise GradModeOptionError(f"adjoint.max_roundtrip={max_roundtrip!r} must be a number "
-                                      "> 0, or null (no tolerance)")
-        self.vjp = vjp
-        self.compile = compile
-        self.anchor_every = None if anchor_every is None else int(anchor_every)
-        self.max_roundtrip = None if max_roundtrip is None else float(max_roundtrip)
-        self.roundtrip = roundtrip or max_roundtrip is not None
-        self._compiled: dict[int, object] = {}   # id(function) -> compiled function
-        self._compile_failed = False
-        # stack -> its anchor_every since it passed max_roundtrip (per stack: one
-        # grad mode may serve several stacks)
-        self._escalated: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+                 roundtrip: bool = False, max_roundtrip: float | None = None,
+                 segment: int | None = None):
+        self.options = options = AdjointOptions(vjp, compile, anchor_every, roundtrip,
+                                                max_roundtrip, segment)
+        self._escalation = Escalation(options.anchor_every, options.max_roundtrip)
+        self._compiled = CompileCache()
+        self._leaf_check = LeafCheck()
+
+    # read-only views of the options
+    vjp = property(lambda self: self.options.vjp)
+    compile = property(lambda self: self.options.compile)
+    anchor_every = property(lambda self: self.options.anchor_every)
+    roundtrip = property(lambda self: self.options.roundtrip)
+    max_roundtrip = property(lambda self: self.options.max_roundtrip)
+    segment = property(lambda self: self.options.segment)
 
     def __repr__(self) -> str:
-        options = []
-        if self.vjp != "exact":
-            options.append(f"vjp={self.vjp!r}")
-        if self.compile:
-            options.append("compile=True")
-        if self.anchor_every is not None:
-            options.append(f"anchor_every={self.anchor_every}")
-        if self.max_roundtrip is not None:
-            options.append(f"max_roundtrip={self.max_roundtrip:g}")
-        elif self.roundtrip:
-            options.append("roundtrip=True")
-        return f"{type(self).__name__}({', '.join(options)})"
-
-    def __getstate__(self) -> dict:
-        # Pickling or copying a model keeps the options, not the per-stack switches
-        # (weak references) nor the compiled functions: both are rebuilt as needed.
-        state = dict(self.__dict__)
-        state["_escalated"], state["_compiled"] = None, {}
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._escalated = weakref.WeakKeyDictionary()
+        return f"{type(self).__name__}({', '.join(self.options.changed())})"
 
     def anchors_of(self, stack) -> range:
         """The steps n whose input state x_n the forward pass keeps."""
-        k = self._escalated.get(stack, self.anchor_every)
+        k = self._escalation.anchor_every_of(stack)
         return range(0, stack.num_steps, k) if k else range(0)
 
     def __call__(self, stack, x):
         if not torch.is_grad_enabled():
             # Nothing will be differentiated: a plain forward pass is the same thing.
             return Backprop()(stack, x)
-        if self.vjp == "shared" and type(stack.integrator) not in _SHARED_STEPS:
-            raise ValueError(f"adjoint.vjp=shared supports method "
-                             f"{', '.join(c.name for c in _SHARED_STEPS)}; "
+        if self.options.vjp == "shared" and not stack.integrator.shared_vjp_supported:
+            supported = [name for name, cls in INTEGRATORS.items() if cls.shared_vjp_supported]
+            raise ValueError(f"adjoint.vjp=shared supports method {', '.join(supported)}; "
                              f"got {stack.integrator.name}")
-        params = [p for p in stack.parameters() if p.requires_grad]
+        params = [p for p in stack.fast_parameters() if p.requires_grad]
         return _AdjointFunction.apply(x, self, stack, stack.new_pass_seed(), *params)
 
     # ------------------------------------------------------------ the two passes
@@ -174,7 +393,7 @@ class Adjoint(GradMode):
         for n in range(stack.num_steps):
             if n in anchors:
                 kept[n] = x
-            if self.compile:
+            if self.options.compile:
                 x = stack.integrator.step(self.caller(stack, n, seed), n, x, stack.step_size)
             else:
                 x = stack.step(n, x, seed)
@@ -189,14 +408,20 @@ class Adjoint(GradMode):
         grads = _Gradients(stack, params)
         kept = kept or {}
         errors = []
+        pending = self._leaf_check.pending(stack)
+        segment = self.options.segment_for(y) if self.options.vjp == "exact" else 1
         with stack.recomputing():
-            for n in reversed(range(stack.num_steps)):
+            if segment > 1:
+                y, g = self._segmented(stack, y, g, seed, grads, kept, pending, segment, errors)
+            for n in reversed(range(stack.num_steps) if segment == 1 else ()):
+                call = self.caller(stack, n, seed)
+                if pending:
+                    call = self._leaf_check.checking(call, pending)
                 stored = kept.get(n)
                 if stored is None:
-                    y, g = self.backward_step(stack, n, y, g, seed, grads)
+                    y, g = self.backward_step(stack, call, n, y, g, grads)
                     continue
-                call = self.caller(stack, n, seed)
-                if self.roundtrip:   # what the plain adjoint would have rebuilt
+                if self.options.roundtrip:   # what the plain adjoint would have rebuilt
                     with torch.no_grad():
                         rebuilt = stack.integrator.reverse(call, n, y, stack.step_size)
                     errors.append(_relative_error(rebuilt, stored))
@@ -205,15 +430,61 @@ class Adjoint(GradMode):
         if x0 is not None:
             errors.append(_relative_error(y, x0))
         if errors:
-            self._record_roundtrip(stack, torch.stack(errors).max())
+            error = torch.stack(errors).max()
+            stack._roundtrip = error.detach()
+            self._escalation.record(stack, error)
         return g, grads.values
 
-    def backward_step(self, stack, n: int, y, g, seed, grads: "_Gradients"):
+    def _segmented(self, stack, y, g, seed, grads, kept, pending, segment, errors):
+        """The exact vjp's backward pass, ``segment`` steps per autograd call.
+
+        For a segment of steps lo..hi: rebuild x̃_hi .. x̃_lo from x̃_{hi+1} (an
+        anchor's stored state replaces the rebuilt one), then evaluate the steps
+        forward with one graph, from a leaf holding x̃_lo. Each step's output is
+        given, in place, the value of the next rebuilt state, so that the next
+        step is evaluated (and its Jacobian taken) at x̃_{n+1}, exactly as with
+        one autograd call per step; the graph still chains the steps, so one
+        ``autograd.grad`` from the segment's top gives dL/dx̃_lo and the
+        parameters' gradients of all its steps."""
+        integrator, h = stack.integrator, stack.step_size
+        hi = stack.num_steps - 1
+        while hi >= 0:
+            lo = max(0, hi - segment + 1)
+            calls = {}
+            for n in range(lo, hi + 1):
+                call = self.caller(stack, n, seed)
+                calls[n] = self._leaf_check.checking(call, pending) if pending else call
+            states = {hi + 1: y}
+            with torch.no_grad():
+                for n in range(hi, lo - 1, -1):
+                    stored = kept.get(n)
+                    if stored is None:
+                        states[n] = integrator.reverse(calls[n], n, states[n + 1], h)
+                        continue
+                    if self.options.roundtrip:   # what the plain adjoint would have rebuilt
+                        rebuilt = integrator.reverse(calls[n], n, states[n + 1], h)
+                        errors.append(_relative_error(rebuilt, stored))
+                    states[n] = stored
+            x_in = states[lo].detach().requires_grad_(True)
+            x = x_in
+            with torch.enable_grad():
+                for n in range(lo, hi + 1):
+                    out = integrator.step(calls[n], n, x, h)
+                    if n < hi:   # the value of x̃_{n+1}, the graph of step n
+                        out.detach().copy_(states[n + 1])
+                    x = out
+            params = grads.of_steps(lo, hi)
+            step_grads = _vjp(out, [x_in, *params], g)
+            grads.add(params, step_grads[1:])
+            y, g = states[lo], step_grads[0]
+            hi = lo - 1
+        return y, g
+
+    def backward_step(self, stack, call, n: int, y, g, grads: "_Gradients"):
         """(x_{n+1}, dL/dx_{n+1}) -> (x_n rebuilt, dL/dx_n); adds step n's
         parameter gradients to ``grads``."""
-        call = self.caller(stack, n, seed)
-        if self.vjp == "shared":
-            return _SHARED_STEPS[type(stack.integrator)](stack, call, n, y, g, grads)
+        if self.options.vjp == "shared":
+            return stack.integrator.shared_vjp(call, n, y, g, stack.step_size, grads)
         with torch.no_grad():
             x = stack.integrator.reverse(call, n, y, stack.step_size)
         return x, self.step_vjp(stack, call, n, x, g, grads)
@@ -226,56 +497,16 @@ class Adjoint(GradMode):
         with torch.enable_grad():
             out = stack.integrator.step(call, n, x_in, stack.step_size)
         # The graph of this one step dies when autograd.grad returns.
-        step_grads = torch.autograd.grad(out, [x_in, *params], g, allow_unused=True)
+        step_grads = _vjp(out, [x_in, *params], g)
         grads.add(params, step_grads[1:])
         return step_grads[0]
-
-    # ----------------------------------------------------------- the self-check
-    def _record_roundtrip(self, stack, error: torch.Tensor) -> None:
-        stack._roundtrip = error.detach()
-        if self.max_roundtrip is None:
-            return
-        value = float(error)
-        if value <= self.max_roundtrip:   # NaN passes the tolerance too
-            return
-        steps = stack.num_steps
-        now = self._escalated.get(stack, self.anchor_every)
-        sqrt_steps = math.ceil(math.sqrt(steps))
-        if now is None or now > sqrt_steps:
-            new, what = sqrt_steps, f"anchored mode (adjoint.anchor_every={sqrt_steps})"
-        elif now > 1:
-            new, what = 1, "exact mode (every state kept: backprop's gradient, memory O(depth))"
-        else:
-            return   # every state is kept already: the gradient is exact
-        self._escalated[stack] = new
-        log.warning("adjoint self-check: round-trip error %.3g of a %s stack (%d steps) passed "
-                    "adjoint.max_roundtrip=%g; that stack switches to %s from the next step on",
-                    value, stack.integrator.name, steps, self.max_roundtrip, what)
 
     # ------------------------------------------------------------- evaluation
     def caller(self, stack, n: int, seed):
         """``call(i, x)`` for step n: the stack's own, or compiled functions."""
-        if not self.compile or self._compile_failed or seed is not None:
+        if not self.options.compile or self._compiled.failed or seed is not None:
             return stack.caller(n, seed)
-        functions = stack.functions
-
-        def call(i, x):
-            f = functions[i]
-            if self._compile_failed:
-                return f(x)
-            compiled = self._compiled.get(id(f))
-            if compiled is None:
-                compiled = self._compiled[id(f)] = torch.compile(f, dynamic=False)
-            try:
-                return compiled(x)
-            except Exception as e:   # no compiler, unsupported op...: run eagerly
-                self._compile_failed = True
-                warnings.warn(f"adjoint.compile: torch.compile failed ({type(e).__name__}: "
-                              f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}); "
-                              "running eagerly", RuntimeWarning, stacklevel=2)
-                return f(x)
-
-        return call
+        return self._compiled.caller(stack.functions)
 
 
 class _Gradients:
@@ -295,8 +526,17 @@ class _Gradients:
         found = self._of_function.get(id(f))
         if found is None:
             found = self._of_function[id(f)] = [
-                p for p in f.parameters() if p.requires_grad and id(p) in self._position]
+                p for p in _parameters_of(f) if p.requires_grad and id(p) in self._position]
         return found
+
+    def of_steps(self, lo: int, hi: int) -> list:
+        """The distinct trainable parameters steps lo..hi use."""
+        functions_of_step = self._stack.integrator.functions_of_step
+        seen: dict[int, torch.Tensor] = {}
+        for i in dict.fromkeys(i for n in range(lo, hi + 1) for i in functions_of_step(n)):
+            for p in self.of_function(i):
+                seen.setdefault(id(p), p)
+        return list(seen.values())
 
     def of_step(self, n: int) -> list:
         """The distinct trainable parameters step n uses."""
@@ -310,113 +550,39 @@ class _Gradients:
         return list(seen.values())
 
     def add(self, params, step_grads) -> None:
-        values, position = self.values, self._position
-        for p, gp in zip(params, step_grads):
+        values, position, owned = self.values, self._position, self._owned
+        into, more = [], []
+        for p, gp in zip(params, step_grads, strict=True):
             if gp is None:
                 continue
             k = position[id(p)]
             if values[k] is None:
                 values[k] = gp          # may alias another gradient: not ours to mutate
-            elif self._owned[k]:
-                values[k].add_(gp)      # in place: tied weights accumulate here
+            elif owned[k]:
+                into.append(values[k])  # in place: tied weights accumulate here
+                more.append(gp)
             else:
                 values[k] = values[k] + gp
-                self._owned[k] = True
+                owned[k] = True
+        if into:   # one call for all of them (tied weights: every step)
+            torch._foreach_add_(into, more)
 
 
-# ------------------------------------------------- shared-evaluation backward steps
-def _euler_shared(stack, call, n, y, g, grads):
-    """One evaluation k = f_n(x_{n+1}) rebuilds x_n = x_{n+1} - h k and, through its
-    graph, gives the vjp of x_{n+1} = x_n + h f_n(x_n) with J_n taken at x_{n+1}."""
-    h = stack.step_size
-    params = grads.of_function(n)
-    y_in = y.detach().requires_grad_(True)
-    with torch.enable_grad():
-        k = call(n, y_in)
-    step_grads = torch.autograd.grad(k, [y_in, *params], h * g, allow_unused=True)
-    grads.add(params, step_grads[1:])
-    x = torch.sub(y, k.detach(), alpha=h)
-    return x, g + step_grads[0]
-
-
-def _heun_shared(stack, call, n, y, g, grads):
-    """Heun's reverse stages k1 = f_{n+1}(x_{n+1}), k2 = f_n(x_{n+1} - h k1) rebuild
-    x_n; their graphs stand in for the forward stages f_n(x_n) and
-    f_{n+1}(x_n + h f_n(x_n)), whose arguments they miss by O(h²)."""
-    h = stack.step_size
-    y_in = y.detach().requires_grad_(True)
-    with torch.enable_grad():
-        k1 = call(n + 1, y_in)
-    z = torch.sub(y, k1.detach(), alpha=h).requires_grad_(True)
-    with torch.enable_grad():
-        k2 = call(n, z)
-    x = y - (0.5 * h) * (k1.detach() + k2.detach())
-    # x_{n+1} = x + h/2 f_n(x) + h/2 f_{n+1}(x + h f_n(x)):
-    # dL/dx = g + u + J_n^T (h/2 g + h u),  u = J_{n+1}^T (h/2 g).
-    later = grads.of_function(n + 1)
-    out = torch.autograd.grad(k1, [y_in, *later], (0.5 * h) * g, allow_unused=True)
-    u = out[0]
-    grads.add(later, out[1:])
-    earlier = grads.of_function(n)
-    out = torch.autograd.grad(k2, [z, *earlier], (0.5 * h) * g + h * u, allow_unused=True)
-    grads.add(earlier, out[1:])
-    return x, g + u + out[0]
-
-
-def _momentum_shared(stack, call, n, s, g, grads):
-    """Momentum: x_n = x_{n+1} - h v_{n+1} costs no evaluation, and the one
-    evaluation f_n(x_n) both rebuilds v_n and gives the exact vjp of the step."""
-    gamma, h = stack.integrator.gamma, stack.step_size
-    x = torch.sub(s[0], s[1], alpha=h).detach().requires_grad_(True)
-    with torch.enable_grad():
-        fx = call(n, x)
-    v = (s[1] - (1 - gamma) * fx.detach()) / gamma
-    # v_{n+1} = γ v_n + (1-γ) f_n(x_n), x_{n+1} = x_n + h v_{n+1}
-    a = g[1] + h * g[0]   # dL/dv_{n+1}, through both
-    params = grads.of_function(n)
-    out = torch.autograd.grad(fx, [x, *params], (1 - gamma) * a, allow_unused=True)
-    grads.add(params, out[1:])
-    return torch.stack([x.detach(), v]), torch.stack([g[0] + out[0], gamma * a])
-
-
-def _rev_heun_shared(stack, call, n, s, g, grads):
-    """Reversible Heun: the rebuild of step n evaluates f_n(z_n), which is what the
-    vjp of step n-1 needs; its graph is handed over in ``grads.carry``. One
-    evaluation per backward step (two for the first), and the gradient is exact."""
-    h = stack.step_size
-    y1, z1, f1 = s[0], s[1], s[2]
-    gy, gz, gf = g[0], g[1], g[2]
-    # The vjp of step n through f_{n+1}(z_{n+1}), the cached f1.
-    if grads.carry is not None and grads.carry[0] == n + 1:
-        _, z1_in, f1_out = grads.carry
-    else:
-        z1_in = z1.detach().requires_grad_(True)
-        with torch.enable_grad():
-            f1_out = call(n + 1, z1_in)
-    grads.carry = None
-    later = grads.of_function(n + 1)
-    out = torch.autograd.grad(f1_out, [z1_in, *later], gf + (0.5 * h) * gy, allow_unused=True)
-    grads.add(later, out[1:])
-    w = gz + out[0]   # dL/dz_{n+1}, all paths
-    # The rebuild, with f_n(z_n) evaluated under a graph.
-    z = (2 * y1 - z1 - h * f1).detach().requires_grad_(True)
-    with torch.enable_grad():
-        fz = call(n, z)
-    y = y1 - (0.5 * h) * (fz.detach() + f1)
-    # z_{n+1} = 2 y_n - z_n + h f_n(z_n),  y_{n+1} = y_n + h/2 (f_n(z_n) + f1)
-    gy0, gz0, gf0 = gy + 2 * w, -w, (0.5 * h) * gy + h * w
-    if n > 0:   # f_n(z_n) is the state's cache: step n-1 differentiates it
-        grads.carry = (n, z, fz)
-        return torch.stack([y, z.detach(), fz.detach()]), torch.stack([gy0, gz0, gf0])
-    earlier = grads.of_function(0)   # step 0 evaluates f_0(z_0) itself
-    out = torch.autograd.grad(fz, [z, *earlier], gf0, allow_unused=True)
-    grads.add(earlier, out[1:])
-    return torch.stack([y, z.detach()]), torch.stack([gy0, gz0 + out[0]])
-
-
-# integrator class -> its shared-evaluation backward step
-_SHARED_STEPS = {Euler: _euler_shared, Heun: _heun_shared,
-                 ReversibleHeun: _rev_heun_shared, Momentum: _momentum_shared}
+def _parameters_of(module: torch.nn.Module) -> list:
+    """``list(module.parameters())``, same order, without the generators: the
+    adjoint lists each residual function's parameters at every pass."""
+    out, seen_params, seen_modules, todo = [], set(), set(), [module]
+    while todo:
+        m = todo.pop()
+        if id(m) in seen_modules:
+            continue
+        seen_modules.add(id(m))
+        for p in m._parameters.values():
+            if p is not None and id(p) not in seen_params:
+                seen_params.add(id(p))
+                out.append(p)
+        todo.extend(c for c in reversed(m._modules.values()) if c is not None)
+    return out
 
 
 def _relative_error(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -443,10 +609,13 @@ class _AdjointFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out):
+        # Autograd runs a backward pass with grad on exactly when it is asked for a
+        # differentiable one (create_graph=True); this one is not.
+        if torch.is_grad_enabled():
+            raise RuntimeError(DOUBLE_BACKWARD)
         y, *rest = ctx.saved_tensors
-        kept = dict(zip(ctx.anchors, rest))
+        kept = dict(zip(ctx.anchors, rest, strict=False))   # rest: the anchors, then x_0 or not
         x0 = rest[-1] if ctx.check else None
         with torch.autocast(**ctx.autocast):
             g, grads = ctx.mode.backward_pass(ctx.stack, y, grad_out, ctx.seed, ctx.params,

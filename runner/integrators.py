@@ -5,6 +5,10 @@ Each integrator is a small class in the ``INTEGRATORS`` registry with a declared
 ``call(i, x)``, which evaluates residual function ``i`` at ``x``, so the same
 step code serves the ordinary forward pass, the recomputation in the adjoint's
 backward pass, and the measurement hooks.
+
+An integrator may also own the backward step of the adjoint's shared-evaluation
+vjp (``adjoint.vjp=shared``): :meth:`Integrator.shared_vjp`, where
+``shared_vjp_supported`` is true.
 """
 from __future__ import annotations
 
@@ -13,6 +17,20 @@ from typing import Callable
 import torch
 
 Call = Callable[[int, torch.Tensor], torch.Tensor]
+
+_ENGINE = torch.autograd.Variable._execution_engine
+
+
+def vjp(output: torch.Tensor, inputs: list, grad: torch.Tensor) -> tuple:
+    """``torch.autograd.grad(output, inputs, grad, allow_unused=True)``, the graph
+    freed. Where ``grad`` matches ``output`` in shape and dtype (every backward
+    step of the adjoint), the autograd engine is called directly: the same
+    computation without ``autograd.grad``'s Python-side argument checks, a
+    measurable part of a step at small widths (docs/benchmarks.md)."""
+    if (grad.shape == output.shape and grad.dtype == output.dtype
+            and grad.device == output.device and output.grad_fn is not None):
+        return _ENGINE.run_backward((output,), (grad,), False, False, tuple(inputs), True, False)
+    return torch.autograd.grad(output, inputs, grad, allow_unused=True)
 
 
 class Integrator:
@@ -55,6 +73,23 @@ class Integrator:
         """A state -> the x it stands for."""
         return state
 
+    # The adjoint's backward step with shared evaluations (adjoint.vjp=shared).
+    shared_vjp_supported = False
+
+    def shared_vjp(self, call: Call, n: int, state: torch.Tensor, g: torch.Tensor, h: float,
+                   grads) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_{n+1}, dL/dx_{n+1}) -> (x_n rebuilt, dL/dx_n), where each evaluation
+        serves both the rebuild and the vector-Jacobian product of step n.
+
+        Runs with grad disabled (inside the adjoint's backward pass): evaluations
+        that need a graph are made under ``torch.enable_grad()``. ``grads`` is the
+        adjoint's gradient accumulator: ``grads.of_function(i)`` lists the trainable
+        parameters of function i, ``grads.add(params, step_grads)`` adds their
+        gradients, and ``grads.carry`` holds what one backward step hands the next
+        (None at the start of a pass and after an anchor).
+        """
+        raise NotImplementedError(f"{self.name or type(self).__name__} has no shared vjp")
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
@@ -73,6 +108,21 @@ class Euler(Integrator):
 
     def reverse(self, call, n, y, h):
         return y - h * call(n, y)
+
+    shared_vjp_supported = True
+
+    def shared_vjp(self, call, n, y, g, h, grads):
+        """One evaluation k = f_n(x_{n+1}) rebuilds x_n = x_{n+1} - h k and, through
+        its graph, gives the vjp of x_{n+1} = x_n + h f_n(x_n) with J_n taken at
+        x_{n+1}: O(h) away from the rebuilt point."""
+        params = grads.of_function(n)
+        y_in = y.detach().requires_grad_(True)
+        with torch.enable_grad():
+            k = call(n, y_in)
+        step_grads = vjp(k, [y_in, *params], h * g)
+        grads.add(params, step_grads[1:])
+        x = torch.sub(y, k.detach(), alpha=h)
+        return x, g + step_grads[0]
 
 
 class Heun(Integrator):
@@ -103,6 +153,30 @@ class Heun(Integrator):
         k1 = call(n + 1, y)
         k2 = call(n, y - h * k1)
         return y - (0.5 * h) * (k1 + k2)
+
+    shared_vjp_supported = True
+
+    def shared_vjp(self, call, n, y, g, h, grads):
+        """The reverse stages k1 = f_{n+1}(x_{n+1}), k2 = f_n(x_{n+1} - h k1) rebuild
+        x_n; their graphs stand in for the forward stages f_n(x_n) and
+        f_{n+1}(x_n + h f_n(x_n)), whose arguments they miss by O(h²)."""
+        y_in = y.detach().requires_grad_(True)
+        with torch.enable_grad():
+            k1 = call(n + 1, y_in)
+        z = torch.sub(y, k1.detach(), alpha=h).requires_grad_(True)
+        with torch.enable_grad():
+            k2 = call(n, z)
+        x = y - (0.5 * h) * (k1.detach() + k2.detach())
+        # x_{n+1} = x + h/2 f_n(x) + h/2 f_{n+1}(x + h f_n(x)):
+        # dL/dx = g + u + J_n^T (h/2 g + h u),  u = J_{n+1}^T (h/2 g).
+        later = grads.of_function(n + 1)
+        out = vjp(k1, [y_in, *later], (0.5 * h) * g)
+        u = out[0]
+        grads.add(later, out[1:])
+        earlier = grads.of_function(n)
+        out = vjp(k2, [z, *earlier], torch.add((0.5 * h) * g, u, alpha=h))
+        grads.add(earlier, out[1:])
+        return x, g + u + out[0]
 
 
 class ReversibleHeun(Integrator):
@@ -166,6 +240,41 @@ class ReversibleHeun(Integrator):
         y = y_next - (0.5 * h) * (fz + fz_next)
         return torch.stack([y, z]) if n == 0 else torch.stack([y, z, fz])
 
+    shared_vjp_supported = True
+
+    def shared_vjp(self, call, n, s, g, h, grads):
+        """The rebuild of step n evaluates f_n(z_n), which is what the vjp of step
+        n-1 needs; its graph is handed over in ``grads.carry``. One evaluation per
+        backward step (two for the first), and the gradient is exact."""
+        y1, z1, f1 = s[0], s[1], s[2]
+        gy, gz, gf = g[0], g[1], g[2]
+        # The vjp of step n through f_{n+1}(z_{n+1}), the cached f1.
+        if grads.carry is not None and grads.carry[0] == n + 1:
+            _, z1_in, f1_out = grads.carry
+        else:
+            z1_in = z1.detach().requires_grad_(True)
+            with torch.enable_grad():
+                f1_out = call(n + 1, z1_in)
+        grads.carry = None
+        later = grads.of_function(n + 1)
+        out = vjp(f1_out, [z1_in, *later], torch.add(gf, gy, alpha=0.5 * h))
+        grads.add(later, out[1:])
+        w = gz + out[0]   # dL/dz_{n+1}, all paths
+        # The rebuild, with f_n(z_n) evaluated under a graph.
+        z = (2 * y1 - z1 - h * f1).detach().requires_grad_(True)
+        with torch.enable_grad():
+            fz = call(n, z)
+        y = y1 - (0.5 * h) * (fz.detach() + f1)
+        # z_{n+1} = 2 y_n - z_n + h f_n(z_n),  y_{n+1} = y_n + h/2 (f_n(z_n) + f1)
+        gy0, gz0, gf0 = gy + 2 * w, -w, (0.5 * h) * gy + h * w
+        if n > 0:   # f_n(z_n) is the state's cache: step n-1 differentiates it
+            grads.carry = (n, z, fz)
+            return torch.stack([y, z.detach(), fz.detach()]), torch.stack([gy0, gz0, gf0])
+        earlier = grads.of_function(0)   # step 0 evaluates f_0(z_0) itself
+        out = vjp(fz, [z, *earlier], gf0)
+        grads.add(earlier, out[1:])
+        return torch.stack([y, z.detach()]), torch.stack([gy0, gz0 + out[0]])
+
 
 class Momentum(Integrator):
     """Momentum ResNets (Sander, Ablin, Blondel, Peyré 2021). State (x, v), v_0 = 0::
@@ -220,6 +329,23 @@ class Momentum(Integrator):
         x = x_next - h * v_next
         v = (v_next - (1 - self.gamma) * call(n, x)) / self.gamma
         return torch.stack([x, v])
+
+    shared_vjp_supported = True
+
+    def shared_vjp(self, call, n, s, g, h, grads):
+        """x_n = x_{n+1} - h v_{n+1} costs no evaluation, and the one evaluation
+        f_n(x_n) both rebuilds v_n and gives the exact vjp of the step."""
+        gamma = self.gamma
+        x = torch.sub(s[0], s[1], alpha=h).detach().requires_grad_(True)
+        with torch.enable_grad():
+            fx = call(n, x)
+        v = (s[1] - (1 - gamma) * fx.detach()) / gamma
+        # v_{n+1} = γ v_n + (1-γ) f_n(x_n), x_{n+1} = x_n + h v_{n+1}
+        a = g[1] + h * g[0]   # dL/dv_{n+1}, through both
+        params = grads.of_function(n)
+        out = vjp(fx, [x, *params], (1 - gamma) * a)
+        grads.add(params, out[1:])
+        return torch.stack([x.detach(), v]), torch.stack([g[0] + out[0], gamma * a])
 
 
 INTEGRATORS: dict[str, type[Integrator]] = {"euler": Euler, "heun": Heun,

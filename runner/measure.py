@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import itertools
 import resource
 from collections import defaultdict
 from typing import Callable, Iterable, Iterator
@@ -78,7 +79,7 @@ def grad_mode_as(model: nn.Module, mode: GradMode) -> Iterator[None]:
     try:
         yield
     finally:
-        for s, (m, roundtrip) in zip(stacks, saved):
+        for s, (m, roundtrip) in zip(stacks, saved, strict=True):
             s.grad_mode, s._roundtrip = m, roundtrip
 
 
@@ -128,7 +129,7 @@ def gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mode: GradMode
     with grad_mode_as(model, mode), torch.enable_grad():
         loss = loss_fn(model(x), y)
         grads = torch.autograd.grad(loss, params, allow_unused=True)
-    return {id(p): torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)}
+    return {id(p): torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)}
 
 
 def gradient_error(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
@@ -357,7 +358,7 @@ def reconstruction_error(model: nn.Module, x: torch.Tensor, *, train: bool = Tru
     per_layer, round_trips = [], []
     with untouched(model), torch.no_grad():
         model.train(train)
-        for stack, x0 in zip(residual_stacks(model), stack_inputs(model, x)):
+        for stack, x0 in zip(residual_stacks(model), stack_inputs(model, x), strict=True):
             seed = stack.new_pass_seed()
             true = stack.trajectory(x0, seed)
             rebuilt = stack.rebuild(true[-1], seed)
@@ -383,7 +384,7 @@ def smoothness(model: nn.Module) -> dict:
         thetas = [_flat([p.detach() for p in fn.parameters()] or [torch.zeros(1)])
                   for fn in stack.functions]
         norms = [t.norm().item() for t in thetas]
-        incs = [(b - a).norm().item() for a, b in zip(thetas, thetas[1:])]
+        incs = [(b - a).norm().item() for a, b in itertools.pairwise(thetas)]
         increments += incs
         top = max(norms)
         max_norm = max(max_norm, top)

@@ -14,20 +14,14 @@ import matplotlib
 matplotlib.use("Agg")   # files only, never a window (and no display on clusters)
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from .io import fit_slope  # noqa: E402
 
 DPI = 100
 PANEL = (4.6, 3.4)
 COLORS = {"euler": "tab:blue", "heun": "tab:orange"}
 LINESTYLES = {"backprop": "-", "adjoint": "--"}
-
-
-def fit_slope(xs, ys) -> float:
-    """Least-squares slope of log(y) against log(x), over the positive finite points."""
-    pts = [(x, y) for x, y in zip(xs, ys) if x > 0 and y > 0 and math.isfinite(y)]
-    if len(pts) < 2 or len({x for x, _ in pts}) < 2:
-        return float("nan")
-    x, y = np.array(pts, dtype=float).T
-    return float(np.polyfit(np.log(x), np.log(y), 1)[0])
 
 
 def _panels(n: int, title: str | None = None):
@@ -48,8 +42,6 @@ def _depth_axis(ax, depths) -> None:
 
 
 def _save(fig, path: Path) -> Path:
-    from PIL import Image
-
     fig.tight_layout()
     fig.canvas.draw()
     # A 256-colour palette: line plots lose nothing visible and the file is ~4x smaller.
@@ -77,14 +69,14 @@ def plot_discretization(rows: list[dict], path: Path) -> Path:
     cases = list(dict.fromkeys(r.get("case", "") for r in rows))
     fig, axes = _panels(len(cases), "ResNet vs Neural ODE: ||x_N - x(1)|| / ||x(1)||")
     colors = {"constant": "tab:green", "smooth": "tab:blue", "rough": "tab:red", "iid": "tab:gray"}
-    for ax, case in zip(axes, cases):
+    for ax, case in zip(axes, cases, strict=True):
         groups = defaultdict(list)
         for r in rows:
             if r.get("case", "") == case:
                 groups[(r["weights"], r["method"])].append((int(r["depth"]), float(r["error"])))
         for (weights, method), pts in groups.items():
             pts.sort()
-            d, e = zip(*pts)
+            d, e = zip(*pts, strict=True)
             ax.plot(d, e, marker="o", ms=3, color=colors.get(weights),
                     linestyle="-" if method == "euler" else "--",
                     label=f"{weights} {method} ({fit_slope(d, e):+.2f})")
@@ -111,7 +103,7 @@ def plot_linear_weights(snapshots: dict, path: Path, max_entries: int = 4) -> Pa
     entries = [(i, j) for i in range(d) for j in range(d)][:max_entries]
     lo, hi = float(w.min()), float(w.max())
     pad = 0.05 * (hi - lo or 1.0)
-    for ax, s, ws in zip(axes, steps, w):
+    for ax, s, ws in zip(axes, steps, w, strict=True):
         for i, j in entries:
             ax.plot(t, ws[:, i, j], lw=1.2, label=f"A[{i},{j}]")
         ax.set_title(f"step {s}", fontsize=9)
@@ -137,7 +129,8 @@ def plot_linear_increments(rows: list[dict], path: Path) -> Path:
         axes[0].plot(steps, [float(r["loss"]) for r in rs], color=color, label=f"N={depth}")
         axes[1].plot(steps, [float(r["max_increment"]) for r in rs], color=color)
         axes[2].plot(steps, [float(r["scaled_increment"]) for r in rs], color=color)
-    for ax, name in zip(axes, ["loss", "max_n ||A_{n+1} - A_n||", "N · max_n ||A_{n+1} - A_n||"]):
+    names = ["loss", "max_n ||A_{n+1} - A_n||", "N · max_n ||A_{n+1} - A_n||"]
+    for ax, name in zip(axes, names, strict=True):
         ax.set_xlabel("optimisation step")
         ax.set_ylabel(name)
         ax.grid(True, alpha=0.3)
@@ -161,7 +154,7 @@ def plot_test_error(series: dict[str, list[tuple]], path: Path) -> Path:
     A label 'line | panel' puts the line in the panel of that name (other sweep axes)."""
     panels = _by_panel(series)
     fig, axes = _panels(len(panels), "test error vs depth (median over seeds, band: min-max)")
-    for ax, (panel, lines) in zip(axes, panels.items()):
+    for ax, (panel, lines) in zip(axes, panels.items(), strict=True):
         depths = []
         for label, pts in lines.items():
             pts = sorted(pts)
@@ -183,7 +176,7 @@ def plot_grad_error(series: dict[str, list[tuple]], path: Path) -> Path:
     panels = _by_panel(series)
     fig, axes = _panels(len(panels), "adjoint vs backprop: relative gradient error "
                                      "(band: lowest to highest layer)")
-    for ax, (panel, lines) in zip(axes, panels.items()):
+    for ax, (panel, lines) in zip(axes, panels.items(), strict=True):
         depths = []
         for label, pts in lines.items():
             pts = sorted(pts)
@@ -214,12 +207,12 @@ def _per_depth_panels(rows, key_fields, panels, title, path, style=_style) -> Pa
     for label, rs in sorted(groups.items()):
         rs = sorted(rs, key=lambda r: int(r["depth"]))
         d = [int(r["depth"]) for r in rs]
-        for ax, (col, _, factor, _) in zip(axes, panels):
+        for ax, (col, _, factor, _) in zip(axes, panels, strict=True):
             ys = [_num(r.get(col)) * factor for r in rs]
             if all(math.isnan(y) for y in ys):
                 continue
             ax.plot(d, ys, marker="o", ms=3, label=label, **style(label))
-    for ax, (_, ylabel, _, yscale) in zip(axes, panels):
+    for ax, (_, ylabel, _, yscale) in zip(axes, panels, strict=True):
         _depth_axis(ax, [r["depth"] for r in rows])
         ax.set_ylabel(ylabel)
         if not ax.lines:

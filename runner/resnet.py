@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import logging
 import re
+from functools import partial
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from torch import nn
+
 from .errors import ConfigError
+from .inits import INITS
+from .integrators import INTEGRATORS
 from .stack import ResidualStack
 
 log = logging.getLogger("rode")
@@ -133,30 +137,29 @@ def stage_depths(arch: str, depths: Sequence[int] | None) -> list[int]:
 
 
 def build_resnet(input_shape: Sequence[int], num_classes: int, *, width: int, init: str,
-                 method: str, grad, config, **_) -> TorchvisionResNet:
-    """``model=resnet``: config is the ``model`` node (arch, stem, depths, weights);
+                 method, grad, arch: str, stem: str = "imagenet",
+                 depths: Sequence[int] | None = None,
+                 weights: str | Path | None = None) -> TorchvisionResNet:
+    """``model=resnet`` (arch, stem, depths, weights: the ``model`` node's knobs);
     ``width`` is the base number of planes (64 in torchvision)."""
-    # Imported here, not at the top: models.py imports this module, and torchvision
-    # takes a second to import that runs of other models need not pay.
+    # Imported here, not at the top: torchvision takes a second to import, which
+    # runs of other models (models.py imports this module) need not pay.
     from torchvision.models.resnet import BasicBlock, Bottleneck
-
-    from .models import INITS
 
     if len(input_shape) != 3:
         raise ConfigError(f"model=resnet needs image inputs (C, H, W); the dataset gives "
                           f"shape {list(input_shape)}")
-    arch, stem_kind = config.arch, config.get("stem", "imagenet")
     kind = ARCHS[arch][0]
-    depths = stage_depths(arch, config.get("depths"))
+    depths = stage_depths(arch, depths)
     expansion = 4 if kind == "bottleneck" else 1
-    if stem_kind == "imagenet":
-        stem = nn.Sequential(nn.Conv2d(input_shape[0], width, 7, 2, 3, bias=False),
-                             nn.BatchNorm2d(width), nn.ReLU(inplace=True),
-                             nn.MaxPool2d(kernel_size=3, stride=2, padding=1))
+    if stem == "imagenet":
+        stem_layers = nn.Sequential(nn.Conv2d(input_shape[0], width, 7, 2, 3, bias=False),
+                                    nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+                                    nn.MaxPool2d(kernel_size=3, stride=2, padding=1))
     else:   # small images: a 3x3 conv, no downsampling before layer1
-        stem = nn.Sequential(nn.Conv2d(input_shape[0], width, 3, 1, 1, bias=False),
-                             nn.BatchNorm2d(width), nn.ReLU(inplace=True))
-    _torchvision_init(stem)
+        stem_layers = nn.Sequential(nn.Conv2d(input_shape[0], width, 3, 1, 1, bias=False),
+                                    nn.BatchNorm2d(width), nn.ReLU(inplace=True))
+    _torchvision_init(stem_layers)
 
     stages, inplanes = [], width
     for k, n in enumerate(depths):
@@ -167,13 +170,13 @@ def build_resnet(input_shape: Sequence[int], num_classes: int, *, width: int, in
             downsample = nn.Sequential(conv1x1(inplanes, out, stride), nn.BatchNorm2d(out))
         block = BasicBlock if kind == "basic" else Bottleneck
         first = _torchvision_init(block(inplanes, planes, stride, downsample))
-        make = (lambda: BasicBranch(out)) if kind == "basic" else (
-            lambda: BottleneckBranch(out, planes))
+        make = (partial(BasicBranch, out) if kind == "basic"
+                else partial(BottleneckBranch, out, planes))
         stages.append(Stage(first, ResidualStack(INITS[init](make, n), method, grad)))
         inplanes = out
-    model = TorchvisionResNet(stem, stages, inplanes, num_classes)
-    if config.get("weights"):
-        load_torchvision_weights(model, config.weights)
+    model = TorchvisionResNet(stem_layers, stages, inplanes, num_classes)
+    if weights:
+        load_torchvision_weights(model, weights)
     return model
 
 
@@ -252,42 +255,47 @@ def load_torchvision_weights(model: TorchvisionResNet, path: str | Path) -> None
 
 # ----------------------------------------------------------------- checks
 def check_resnet_config(cfg) -> None:
-    """The ``model=resnet`` knobs, checked before anything runs (cfg: the task config)."""
-    from .config import check_choice
-    from .integrators import INTEGRATORS
-
+    """The ``model=resnet`` knobs of a task config, checked before anything runs."""
     m = cfg.model
-    check_choice(cfg, "model.arch", ARCHS)
-    check_choice(cfg, "model.stem", STEMS)
-    depths = m.get("depths")
+    check_resnet(m.arch, m.get("stem", "imagenet"), m.get("depths"), m.get("weights"),
+                 method=cfg.method, init=cfg.init, width=cfg.width,
+                 channels=list(cfg.dataset.get("shape", [3]))[0])
+
+
+def check_resnet(arch, stem, depths, weights, *, method: str, init: str, width: int,
+                 channels: int) -> None:
+    """ConfigError unless ``model.arch``, ``model.stem``, ``model.depths`` and
+    ``model.weights`` make a model for this method (a weights file is loaded into
+    the model it is meant for, so that a wrong file is refused before the run)."""
+    for key, value, choices in (("model.arch", arch, ARCHS), ("model.stem", stem, STEMS)):
+        if value not in choices:
+            raise ConfigError(f"{key}={value!r} is not a valid choice; choose from "
+                              f"{', '.join(choices)}")
     if depths is not None:
         if (isinstance(depths, (str, int)) or len(depths) != 4
                 or not all(isinstance(d, int) and not isinstance(d, bool) for d in depths)):
             raise ConfigError(f"model.depths={_show(depths)} must be null or a list of 4 "
                               f"integers (residual functions per stage), e.g. [8,8,8,8]")
-    low = INTEGRATORS[cfg.method].min_functions
-    counts = stage_depths(m.arch, depths)
+    low = INTEGRATORS[method].min_functions
+    counts = stage_depths(arch, depths)
     if min(counts) < low:
         raise ConfigError(
-            f"method={cfg.method} needs >= {low} residual functions per stage, but "
-            f"model.arch={m.arch} gives {counts} (its blocks minus the first of each stage); "
+            f"method={method} needs >= {low} residual functions per stage, but "
+            f"model.arch={arch} gives {counts} (its blocks minus the first of each stage); "
             f"use a deeper arch or set model.depths, e.g. model.depths=[2,2,2,2]")
-    if m.get("weights"):
-        path = Path(str(m.weights)).expanduser()
+    if weights:
+        path = Path(str(weights)).expanduser()
         if not path.is_file():
             raise ConfigError(f"model.weights={path}: no such file (a torchvision state dict "
                               f"saved on this machine; nothing is downloaded)")
-        if cfg.init == "tied":
+        if init == "tied":
             raise ConfigError("model.weights with init=tied: torchvision weights differ per "
                               "block, a tied model would keep only one of them; use init=iid")
-        if depths is not None and list(depths) != stage_depths(m.arch, None):
+        if depths is not None and list(depths) != stage_depths(arch, None):
             raise ConfigError(f"model.weights needs the arch's own depths "
-                              f"{stage_depths(m.arch, None)}; set model.depths=null")
-        # Load the file into the model it is meant for: a file that is not a state
-        # dict, or one of another arch, is refused now rather than after the run starts.
-        channels = list(cfg.dataset.get("shape", [3]))[0]
-        build_resnet((channels, 32, 32), 1000, width=int(cfg.width), init="iid",
-                     method=cfg.method, grad="backprop", config=m)
+                              f"{stage_depths(arch, None)}; set model.depths=null")
+        build_resnet((channels, 32, 32), 1000, width=int(width), init="iid", method=method,
+                     grad="backprop", arch=arch, stem=stem, weights=weights)
 
 
 def _show(value) -> str:

@@ -14,6 +14,20 @@ _BatchNorm = nn.modules.batchnorm._BatchNorm
 _Dropout = nn.modules.dropout._DropoutNd
 
 
+def _modules_of(module: nn.Module) -> list[nn.Module]:
+    """``list(module.modules())``, same order, without the generators (the grad
+    modes walk a stack's modules at every pass: thousands at depth 1000)."""
+    out, seen, todo = [], set(), [module]
+    while todo:
+        m = todo.pop()
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        out.append(m)
+        todo.extend(c for c in reversed(m._modules.values()) if c is not None)
+    return out
+
+
 class ResidualStack(nn.Module):
     """A ResNet seen as an ODE solver: x_{n+1} = x_n + h f_n(x_n) (Euler), Heun, or
     an exactly invertible scheme (reversible Heun, momentum).
@@ -77,6 +91,16 @@ class ResidualStack(nn.Module):
         integrator = self.integrator
         return integrator.output(self.grad_mode(self, integrator.init_state(x)))
 
+    def fast_parameters(self) -> list[nn.Parameter]:
+        """``list(self.parameters())``, same order, walked without generators."""
+        out, seen = [], set()
+        for m in _modules_of(self):
+            for p in m._parameters.values():
+                if p is not None and id(p) not in seen:
+                    seen.add(id(p))
+                    out.append(p)
+        return out
+
     @property
     def last_roundtrip_error(self) -> float | None:
         """||x̃_0 - x_0|| / ||x_0|| measured by the adjoint's self-check at the last
@@ -90,7 +114,7 @@ class ResidualStack(nn.Module):
         """Draw the seed that makes this pass's randomness replayable (or None)."""
         wanted = self.preserve_rng
         if wanted is None:
-            wanted = any(isinstance(m, _Dropout) and m.training for m in self.modules())
+            wanted = any(isinstance(m, _Dropout) and m.training for m in _modules_of(self))
         if not wanted:
             return None
         return int(torch.randint(0, 2**62, (1,)).item())
@@ -126,7 +150,7 @@ class ResidualStack(nn.Module):
     def recomputing(self) -> Iterator[None]:
         """Recompute steps faithfully: BatchNorm stays in training mode and keeps
         using batch statistics, but its running statistics are not updated again."""
-        frozen = [m for m in self.functions.modules()
+        frozen = [m for m in _modules_of(self.functions)
                   if isinstance(m, _BatchNorm) and m.training and m.track_running_stats]
         for m in frozen:
             m.track_running_stats = False   # train mode + no running stats = batch stats only

@@ -9,13 +9,12 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import RODE, compose_config, flat_grads, tanh_block
 from runner import ResidualStack
 from runner.gradmodes import Adjoint, GradModeOptionError, get_grad_mode
+from runner.inits import init_iid, init_smooth
 from runner.measure import reconstruction_error, saved_tensor_bytes
-from runner.models import init_iid, init_smooth
 from runner.stack import roundtrip_error
-
-from conftest import RODE, compose_config, flat_grads, tanh_block
 
 
 def rel(a, b):
@@ -72,7 +71,7 @@ def test_saved_memory_grows_as_n_over_k(method):
         states = [s.numel() * 8 for s in stack.trajectory(X)]   # bytes of x_0 .. x_S
         anchors = [] if k is None else range(0, stack.num_steps, k)
         assert len(anchors) == (0 if k is None else math.ceil(stack.num_steps / k))
-        sizes[k] = saved_tensor_bytes(lambda: stack(x))
+        sizes[k] = saved_tensor_bytes(lambda stack=stack: stack(x))
         assert sizes[k] == states[-1] + sum(states[n] for n in anchors), k
     assert sizes[1] > 2.5 * sizes[4] > 2.5 * 2.5 * sizes[None]
     # The self-check keeps x_0: one more activation without anchors, none with them.
@@ -216,9 +215,9 @@ def test_training_logs_the_roundtrip_error_and_switches(tmp_path, caplog):
         train(bad)
     assert any("passed adjoint.max_roundtrip=1e-09" in r.getMessage() for r in caplog.records)
     for name, low, high in [("good", 0, 1e-4), ("bad", 0, 1)]:
-        lines = [json.loads(l) for l in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-        epochs = [l for l in lines if "test_acc" in l]
-        assert epochs and all(low <= l["roundtrip_error"] < high for l in epochs), name
+        text = (tmp_path / name / "metrics.jsonl").read_text()
+        epochs = [line for line in map(json.loads, text.splitlines()) if "test_acc" in line]
+        assert epochs and all(low <= e["roundtrip_error"] < high for e in epochs), name
     assert epochs[-1]["roundtrip_error"] > 1e-9   # bad: the rebuild is not exact
 
 

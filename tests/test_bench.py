@@ -8,12 +8,13 @@ import weakref
 import pytest
 import torch
 
+from conftest import flat_grads, tanh_block, validate_job
 from runner import ResidualStack
 from runner.contenders import CONTENDERS
 from runner.gradmodes import Adjoint, GradModeOptionError, get_grad_mode
-from runner.models import MLPBlock, init_smooth, init_tied
+from runner.inits import init_smooth, init_tied
+from runner.models import MLPBlock
 from runner.tasks.bench import COLUMNS
-from conftest import flat_grads, tanh_block
 
 FIXED_COLUMNS = ["depth", "contender", "method", "width", "batch", "seconds_per_step",
                  "peak_bytes", "grad_rel_error"]
@@ -24,16 +25,13 @@ def rel_error(approx, exact):
 
 
 # ------------------------------------------------------------------ the CLI
-def test_bench_cli_writes_csv_and_skips_a_missing_contender(tmp_path):
-    # memcnn made unimportable in the child: the benchmark must skip it with a note.
-    code = "import sys; sys.modules['memcnn'] = None; from runner.cli import main; main()"
-    result = subprocess.run(
-        [sys.executable, "-c", code, "bench", "depths=[3,6]", "methods=[euler,heun]",
-         "width=64", "batch=256", "warmup=0", "repeats=1", "progress=false",
-         f"hydra.run.dir={tmp_path}"],
-        capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "memcnn skipped" in result.stdout
+def test_bench_cli_writes_csv_and_skips_a_missing_contender(tmp_path, rode_cli, monkeypatch):
+    # memcnn made unimportable: the benchmark must skip it with a note.
+    monkeypatch.setitem(sys.modules, "memcnn", None)
+    result = rode_cli("bench", "depths=[3,6]", "methods=[euler,heun]", "width=64", "batch=256",
+                      "warmup=0", "repeats=1", "progress=false", f"hydra.run.dir={tmp_path}")
+    assert result.code == 0, result.err[-2000:]
+    assert "memcnn skipped" in result.out
     with open(tmp_path / "bench.csv") as f:
         reader = csv.DictReader(f)
         assert reader.fieldnames[:len(FIXED_COLUMNS)] == FIXED_COLUMNS
@@ -53,17 +51,17 @@ def test_bench_cli_writes_csv_and_skips_a_missing_contender(tmp_path):
             assert error < 1e-5                           # exact up to float32 rounding
         else:
             assert 0 < error < 0.5
-    summary = json.loads((tmp_path / "bench.json").read_text())
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary == json.loads((tmp_path / "bench.json").read_text())   # its older name
+    assert summary["status"] == "completed"
     assert any("memcnn" in note for note in summary["notes"])
     assert summary["ratios"]["euler"]["time_vs_backprop"]["backprop"]["3"] == 1.0
 
 
-def test_bench_rejects_bad_input_in_one_line(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "runner", "bench", "contenders=[backprop,bogus]",
-         f"hydra.run.dir={tmp_path}"], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
+def test_bench_rejects_bad_input_in_one_line(tmp_path, rode_cli):
+    result = rode_cli("bench", "contenders=[backprop,bogus]", f"hydra.run.dir={tmp_path}")
+    assert result.code == 2
+    lines = result.err.strip().splitlines()
     assert len(lines) == 1 and "bogus" in lines[0] and "adjoint_shared" in lines[0]
     assert not (tmp_path / "bench.csv").exists()
 
@@ -110,7 +108,7 @@ def test_default_adjoint_is_the_exact_vjp_at_the_rebuilt_point():
             out = stack.step(n, xn_in)
             grads = torch.autograd.grad(out, [xn_in, *params], g, allow_unused=True)
             g = grads[0]
-            total = [t + (d if d is not None else 0) for t, d in zip(total, grads[1:])]
+            total = [t + (d if d is not None else 0) for t, d in zip(total, grads[1:], strict=True)]
             y = xn
         reference = torch.cat([g.flatten(), *[t.flatten() for t in total]])
         got = flat_grads(stack, x)
@@ -209,15 +207,13 @@ def test_target_experiment_composes_and_script_parses():
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
-    from runner.tasks import bench
 
     GlobalHydra.instance().clear()
     with initialize_config_module("runner.conf", version_base="1.3"):
         cfg = compose("bench", ["+experiment=bench", "out_dir=unused"])
         full = compose("bench", ["+experiment=bench_full", "out_dir=unused"])
     GlobalHydra.instance().clear()
-    bench.validate(cfg)
-    assert (cfg.width, cfg.batch, cfg.init, max(cfg.depths)) == (256, 1024, "tied", 1024)
+    validate_job("bench", cfg)
     assert cfg.device == "cpu" and full.device == "cuda"
     script = Path(__file__).resolve().parents[1] / "scripts" / "bench.sh"
     assert script.read_text().startswith("#!/usr/bin/env bash\n# ")

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 
-
 FAST = ["depth=4", "epochs=1", "width=16", "progress=false", "device=cpu"]
 
 
@@ -32,7 +31,7 @@ def test_train_writes_metrics_summary_checkpoint(tmp_path):
     out = rode("train", *FAST, f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "test accuracy" in out.stdout
-    lines = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == 1
     assert {"epoch", "step", "train_loss", "test_loss", "test_acc", "seconds"} <= lines[0].keys()
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -64,7 +63,8 @@ def test_multirun_writes_one_job_dir_per_combination(tmp_path, spelling):
 
 BAD = [
     (["nosuchtask"], "unknown task 'nosuchtask'; choose from"),
-    (["train", "method=rk9"], "method='rk9' is not a valid choice; choose from euler, heun, rev_heun, momentum"),
+    (["train", "method=rk9"],
+     "method='rk9' is not a valid choice; choose from euler, heun, rev_heun, momentum"),
     (["train", "grad=magic"], "grad='magic' is not a valid choice; choose from backprop, adjoint"),
     (["train", "init=random"], "init='random' is not a valid choice; choose from"),
     (["train", "depth=0"], "depth=0 is out of range"),
@@ -73,7 +73,27 @@ BAD = [
     (["train", "batch_size=0"], "batch_size=0 is out of range"),
     (["train", "depth=abc"], "depth='abc' must be an integer"),
     (["train", "depth=2.5"], "depth=2.5 must be an integer"),
-    (["train", "lr=-1"], "lr=-1 must be a number > 0"),
+    (["train", "lr=-1"], "lr=-1 must be a finite number > 0"),
+    (["train", "lr=inf"], "lr=inf must be a finite number > 0"),
+    (["train", "weight_decay=nan"], "weight_decay=nan must be a finite number >= 0"),
+    (["train", "momentum=nan"], "momentum=nan must be a finite number in [0, 1]"),
+    (["train", "epochs=1.0"], "epochs=1.0 must be an integer"),
+    (["train", "batch_size=64.0"], "batch_size=64.0 must be an integer"),
+    (["train", "seed=99999999999999999999"], "seed=99999999999999999999 is out of range"),
+    (["train", "~depth"], "depth is missing: it is required"),
+    (["train", "resume="], "resume is empty"),
+    (["train", "hydra.run.dir="], "hydra.run.dir is empty"),
+    (["train", "hooks.grad_error.every=-1"], "hooks.grad_error.every=-1 is out of range"),
+    (["train", "dataset=synthetic", "dataset.num_samples=0"], "dataset.num_samples=0 is out of range"),
+    (["train", "dataset=synthetic", "dataset.num_classes=0"], "dataset.num_classes=0 is out of range"),
+    (["train", "dataset=synthetic", "dataset.shape=[]"], "dataset.shape=[] is empty"),
+    (["train", "dataset.test_fraction=1.5"], "dataset.test_fraction=1.5 must be a finite number in (0, 1)"),
+    (["train", "model.activation=sigmoid"], "model.activation='sigmoid' is not a valid choice"),
+    (["train", "model.hidden=-3"], "model.hidden=-3 is out of range"),
+    (["train", "model.hidden=0"], "model.hidden=0 is out of range"),
+    (["train", "adjoint.anchor_every=0"], "adjoint.anchor_every=0 is out of range"),
+    (["train", "+foo=1"], "unknown key 'foo'"),
+    (["bench", "batch=0"], "batch_size=0 is out of range"),
     (["train", "dataset=nope"], "dataset='nope' is not a valid choice; choose from"),
     (["train", "model=nope"], "model='nope' is not a valid choice; choose from"),
     (["train", "nosuchkey=1"], "unknown key 'nosuchkey'"),
@@ -100,6 +120,29 @@ def test_bad_input_is_one_line_exit_2(tmp_path, monkeypatch, capsys, args, messa
     assert not (tmp_path / "outputs").exists()   # nothing ran, nothing written
 
 
+def test_refusals_and_help_do_not_load_torch(tmp_path):
+    """`rode --help` and a bad value are answered before torch would load (seconds)."""
+    code = ("import sys\n"
+            "from runner.cli import main\n"
+            "for argv in (['--help'], ['train', 'method=rk9'], ['bench', 'depths=[0]']):\n"
+            "    try:\n"
+            "        main(argv)\n"
+            "    except SystemExit:\n"
+            "        pass\n"
+            "print('torch' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert out.stdout.strip().splitlines()[-1] == "False", out.stderr
+
+
+def test_old_key_spelling_still_works_with_a_note(tmp_path, monkeypatch, capsys):
+    from runner.cli import renamed_keys
+
+    notes = []
+    assert renamed_keys("gradcheck", ["batch=32", "depth=4"], notes) == ["batch_size=32", "depth=4"]
+    assert renamed_keys("train", ["batch_size=32"], notes) == ["batch_size=32"]
+    assert len(notes) == 1 and "batch= is now batch_size=" in notes[0]
+
+
 def test_bad_input_in_a_real_subprocess(tmp_path):
     out = rode("train", "method=rk9", cwd=tmp_path)
     assert out.returncode == 2
@@ -117,3 +160,46 @@ def test_divergence_stops_with_clear_message_after_writing(tmp_path):
     assert "Traceback" not in out.stderr
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "failed" and "loss became" in summary["error"]
+
+
+def test_no_task_writes_into_a_dir_holding_another_run(rode_cli, tmp_path):
+    """A finished sweep is never rewritten by the same command, and `train` does not
+    move into another task's run dir."""
+    sweep = tmp_path / "sweep"
+    args = ["-m", "train", "dataset=synthetic", "depth=2,4", "width=8", "epochs=1",
+            "progress=false", "device=cpu", f"hydra.sweep.dir={sweep}"]
+    assert rode_cli(*args).code == 0
+    before = {p: p.read_bytes() for p in sweep.rglob("*") if p.is_file()}
+    again = rode_cli(*args)
+    assert again.code == 2 and "already holds the jobs of an earlier sweep" in again.err
+    assert len(again.err.strip().splitlines()) == 1
+    assert {p: p.read_bytes() for p in sweep.rglob("*") if p.is_file()} == before
+
+    grad_dir = tmp_path / "gradcheck"
+    assert rode_cli("gradcheck", "dataset=synthetic", "depth=2", "width=8", "device=cpu",
+                    f"hydra.run.dir={grad_dir}").code == 0
+    summary = (grad_dir / "summary.json").read_bytes()
+    moved = rode_cli("train", "dataset=synthetic", "depth=2", f"hydra.run.dir={grad_dir}")
+    assert moved.code == 2 and "already holds a run" in moved.err
+    assert (grad_dir / "summary.json").read_bytes() == summary
+
+
+def test_a_failed_single_run_prints_one_line(rode_cli, tmp_path):
+    run = tmp_path / "run"
+    out = rode_cli("train", "dataset=synthetic", "depth=2", "width=8", "epochs=2", "optimizer=sgd",
+                   "lr=1e8", "progress=false", "device=cpu", f"hydra.run.dir={run}")
+    assert out.code == 1
+    lines = out.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("rode train: error: loss became"), out.err
+    assert json.loads((run / "summary.json").read_text())["status"] == "failed"
+
+
+def test_a_launcher_without_its_plugin_names_the_extra():
+    from hydra.errors import MissingConfigException
+
+    from runner.cli import _hydra_message
+
+    e = MissingConfigException("In 'hydra/launcher/local': Could not load "
+                               "'hydra/launcher/submitit_local'.", missing_cfg_file="x")
+    assert _hydra_message(e, ["hydra/launcher=local"]) == (
+        "hydra/launcher=local needs the launcher plugins: pip install 'rode[cluster]'")

@@ -1,18 +1,13 @@
 """The image datasets, loaded by the real code from fixtures in their real on-disk formats."""
-import subprocess
-
 import numpy as np
 import pytest
 import torch
 
-from conftest import RODE, compose_config
-from runner.data import DATASETS, build_dataset
+from conftest import compose_config, validate_job
+from runner.data import build_dataset
 from runner.errors import ConfigError
 from runner.vision import SOURCES
 from vision_fixtures import write_cifar10, write_cifar100, write_image_folder, write_mnist
-
-
-
 
 
 def dataset_cfg(tmp_path, name, *overrides):
@@ -26,10 +21,6 @@ def normalised(pixels: np.ndarray, name: str) -> torch.Tensor:
     src = SOURCES[name]
     x = torch.tensor(pixels, dtype=torch.float32).permute(2, 0, 1) / 255
     return (x - torch.tensor(src.mean)[:, None, None]) / torch.tensor(src.std)[:, None, None]
-
-
-def test_registered():
-    assert {"mnist", "fashion_mnist", "cifar10", "cifar100", "imagenet"} <= DATASETS.keys()
 
 
 def test_cifar10_pickles(tmp_path):
@@ -117,24 +108,26 @@ def test_missing_files_name_root_and_remedy(tmp_path, name):
     assert "<root>/train/<class>" in message or name != "imagenet"
 
 
-def test_missing_files_through_the_cli(tmp_path):
+def test_missing_files_through_the_cli(tmp_path, rode_cli):
     """Exit 2, one line naming the root and the remedy, nothing written."""
     for name, remedy in (("cifar10", "dataset.download=true"), ("imagenet", "<root>/val/<class>")):
         run_dir = tmp_path / name
-        out = subprocess.run([*RODE, "train", f"dataset={name}", f"dataset.root={tmp_path}",
-                              "model=resnet", f"hydra.run.dir={run_dir}"],
-                             cwd=tmp_path, capture_output=True, text=True,
-                             timeout=120)
-        assert out.returncode == 2, out.stderr
-        lines = out.stderr.strip().splitlines()
-        assert len(lines) == 1 and "Traceback" not in out.stderr
+        out = rode_cli("train", f"dataset={name}", f"dataset.root={tmp_path}", "model=resnet",
+                       f"hydra.run.dir={run_dir}")
+        assert out.code == 2, out.err
+        lines = out.err.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in out.err
         assert str(tmp_path) in lines[0] and remedy in lines[0]
         assert not run_dir.exists()
 
 
 def test_bad_knobs(tmp_path):
     write_cifar10(tmp_path / "data")
+    def train_cfg(name, *overrides):
+        return compose_config("train", [f"dataset={name}", f"dataset.root={tmp_path / 'data'}",
+                                        *overrides], tmp_path)
+
     with pytest.raises(ConfigError, match="dataset.num_workers"):
-        build_dataset(dataset_cfg(tmp_path, "cifar10", "dataset.num_workers=-1"))
+        validate_job("train", train_cfg("cifar10", "dataset.num_workers=-1"))
     with pytest.raises(ConfigError, match="dataset.download=true is not possible for imagenet"):
-        build_dataset(dataset_cfg(tmp_path, "imagenet", "dataset.download=true"))
+        validate_job("train", train_cfg("imagenet", "dataset.download=true"))

@@ -73,11 +73,11 @@ def test_two_processes_step_like_one_on_the_combined_batch(tmp_path):
         for r in ranks:
             ddp_grads, ddp_weights = r[mode]
             # identical on every rank (DDP's all-reduce), and the combined batch's
-            for a, b in zip(ddp_grads, ranks[0][mode][0]):
+            for a, b in zip(ddp_grads, ranks[0][mode][0], strict=True):
                 assert torch.equal(a, b), mode
-            for a, b in zip(ddp_grads, grads):
+            for a, b in zip(ddp_grads, grads, strict=True):
                 torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=str(mode))
-            for a, b in zip(ddp_weights, weights):
+            for a, b in zip(ddp_weights, weights, strict=True):
                 torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=str(mode))
 
 

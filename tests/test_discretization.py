@@ -1,21 +1,13 @@
 """rode discretization: errors fall at the integrator's order only when the weights are smooth in depth."""
 import csv
 import json
-import subprocess
-import sys
-from pathlib import Path
+from itertools import pairwise
 
 import pytest
 
-from conftest import compose_config
+from conftest import compose_config, validate_job
 
 DEPTHS = "depths=[8,16,32,64,128]"
-
-
-def rode(*args, cwd):
-    exe = Path(sys.executable).with_name("rode")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "runner"]
-    return subprocess.run(cmd + list(args), cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
 def read_csv(path):
@@ -23,18 +15,17 @@ def read_csv(path):
         return list(csv.DictReader(f))
 
 
-def test_exact_linear_case_has_the_integrators_orders(tmp_path, capsys):
-    from runner.cli import main
-
-    main(["discretization", "cases=[linear]", "weights=[constant]", DEPTHS, "ref_steps=512",
-          "progress=false", f"hydra.run.dir={tmp_path}"])   # the `rode` dispatcher, in-process
-    assert "slope" in capsys.readouterr().out
+def test_exact_linear_case_has_the_integrators_orders(tmp_path, rode_cli):
+    out = rode_cli("discretization", "cases=[linear]", "weights=[constant]", DEPTHS, "ref_steps=512",
+                   "progress=false", f"hydra.run.dir={tmp_path}")
+    assert out.code == 0, out.err
+    assert "slope" in out.out
     rows = read_csv(tmp_path / "discretization.csv")
     assert {(r["method"], int(r["depth"])) for r in rows} == {
         (m, d) for m in ("euler", "heun") for d in (8, 16, 32, 64, 128)}
     for method in ("euler", "heun"):
         errors = [float(r["error"]) for r in rows if r["method"] == method]
-        assert all(a > b > 0 for a, b in zip(errors, errors[1:]))   # depths in increasing order
+        assert all(a > b > 0 for a, b in pairwise(errors))   # depths in increasing order
     slopes = {s["method"]: float(s["slope"]) for s in read_csv(tmp_path / "slopes.csv")}
     assert abs(slopes["euler"] + 1) < 0.15, slopes
     assert abs(slopes["heun"] + 2) < 0.3, slopes
@@ -48,8 +39,8 @@ def test_heun_loses_its_order_when_weights_are_not_smooth(tmp_path):
 
     cfg = compose_config("discretization", [
         "cases=[tanh]", "weights=[smooth,rough,iid]", "depths=[8,16,32,64]", "ref_steps=512",
-        "trials=2", "batch=8", "progress=false"], tmp_path)
-    discretization.validate(cfg)
+        "trials=2", "batch_size=8", "progress=false"], tmp_path)
+    validate_job("discretization", cfg)
     summary = discretization.run(cfg)
     slope = {(s["weights"], s["method"]): s["slope"] for s in summary["slopes"]}
     assert slope["smooth", "heun"] < -1.7 and slope["smooth", "euler"] < -0.85
@@ -62,6 +53,7 @@ def test_heun_loses_its_order_when_weights_are_not_smooth(tmp_path):
 
 def test_reference_solver_matches_the_exact_solution():
     import torch
+
     from runner.tasks.discretization import Constant, Linear, rk4
 
     case = Linear(3)
@@ -72,11 +64,10 @@ def test_reference_solver_matches_the_exact_solution():
     assert torch.allclose(rk4(case, Constant(theta), x0, 256), exact, rtol=1e-9, atol=1e-12)
 
 
-def test_bad_input_is_one_line_exit_2(tmp_path):
-    out = rode("discretization", "weights=[smooth,wiggly]", f"hydra.run.dir={tmp_path / 'run'}",
-               cwd=tmp_path)
-    assert out.returncode == 2, out.stderr
-    assert "wiggly" in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+def test_bad_input_is_one_line_exit_2(tmp_path, rode_cli):
+    out = rode_cli("discretization", "weights=[smooth,wiggly]", f"hydra.run.dir={tmp_path / 'run'}")
+    assert out.code == 2, out.err
+    assert "wiggly" in out.err and len(out.err.strip().splitlines()) == 1, out.err
     assert not (tmp_path / "run" / "discretization.csv").exists()
 
 
@@ -85,8 +76,7 @@ def test_bad_input_is_one_line_exit_2(tmp_path):
                                        ("cases=[quadratic]", "quadratic")])
 def test_bad_values_name_the_key(tmp_path, bad, word):
     from runner.errors import ConfigError
-    from runner.tasks import discretization
 
     cfg = compose_config("discretization", [bad], tmp_path)
     with pytest.raises(ConfigError, match=word):
-        discretization.validate(cfg)
+        validate_job("discretization", cfg)

@@ -4,13 +4,13 @@ import json
 
 import pytest
 
-from conftest import compose_config
+from conftest import compose_config, validate_job
 from runner.engine import train
 from runner.errors import ConfigError
 from runner.tasks import gradcheck
 
 # The paper-notes setting: float64, 8-wide tanh MLP residual functions, N = 8 -> 64.
-SETTING = ["model.activation=tanh", "width=8", "batch=256", "dtype=float64", "device=cpu"]
+SETTING = ["model.activation=tanh", "width=8", "batch_size=256", "dtype=float64", "device=cpu"]
 
 
 
@@ -18,11 +18,12 @@ SETTING = ["model.activation=tanh", "width=8", "batch=256", "dtype=float64", "de
 def gradcheck_run(tmp_path, overrides):
     name = "_".join(o.split("=")[1] for o in overrides)
     cfg = compose_config("gradcheck", SETTING + overrides, tmp_path / name)
-    gradcheck.validate(cfg)
+    validate_job("gradcheck", cfg)
     summary = gradcheck.run(cfg)
     with open(tmp_path / name / "grad_error.csv") as f:
         rows = list(csv.DictReader(f))
-    assert json.loads((tmp_path / name / "summary.json").read_text())["rel_error"] == summary["rel_error"]
+    written = json.loads((tmp_path / name / "summary.json").read_text())
+    assert written["rel_error"] == summary["rel_error"] and written["status"] == "completed"
     return summary, rows
 
 
@@ -57,8 +58,8 @@ def test_checkpoint_gives_the_architecture_and_weights(tmp_path, capsys):
     out = tmp_path / "check"
     # depth=3 is ignored: the checkpoint holds a depth-5 model.
     cfg = compose_config("gradcheck", [f"checkpoint={tmp_path / 'trained'}", "depth=3",
-                                       "batch=64", "device=cpu"], out)
-    gradcheck.validate(cfg)
+                                       "batch_size=64", "device=cpu"], out)
+    validate_job("gradcheck", cfg)
     gradcheck.run(cfg)
     printed = capsys.readouterr().out.strip().splitlines()
     assert len(printed) == 1 and "rel_error" in printed[0]
@@ -75,8 +76,8 @@ def test_checkpoint_gives_the_architecture_and_weights(tmp_path, capsys):
 
 @pytest.mark.parametrize("override, message", [
     ("checkpoint=/no/such/run", "checkpoint"), ("dtype=float16", "dtype"),
-    ("method=heun depth=1", "depth"), ("batch=0", "batch"), ("init=random", "init")])
+    ("method=heun depth=1", "depth"), ("batch_size=0", "batch_size"), ("init=random", "init")])
 def test_bad_input_is_a_config_error(tmp_path, override, message):
     cfg = compose_config("gradcheck", override.split(), tmp_path)
     with pytest.raises(ConfigError, match=message):
-        gradcheck.validate(cfg)
+        validate_job("gradcheck", cfg)

@@ -22,7 +22,7 @@ SHORT = ["dataset=synthetic", "dataset.num_samples=240", "epochs=2", "batch_size
 
 
 def read_metrics(run_dir):
-    return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_each_hook_writes_its_fields_and_leaves_training_unchanged(tmp_path):
@@ -34,7 +34,7 @@ def test_each_hook_writes_its_fields_and_leaves_training_unchanged(tmp_path):
     train(on)
     train(off)
     lines = read_metrics(tmp_path / "on")
-    by_hook = {h: [l for l in lines if l.get("hook") == h] for h in HOOKS}
+    by_hook = {h: [r for r in lines if r.get("hook") == h] for h in HOOKS}
     for name, records in by_hook.items():
         assert [r["step"] for r in records] == [0, 5, 10, 12], name
         assert records[0]["epoch"] == 0 and records[-1]["epoch"] == 2
@@ -64,7 +64,9 @@ def test_each_hook_writes_its_fields_and_leaves_training_unchanged(tmp_path):
     assert by_hook["smoothness"][0]["increments"] != by_hook["smoothness"][-1]["increments"]
 
     # Measuring does not change the run: same losses and accuracies as with hooks off.
-    strip = lambda ls: [{k: v for k, v in l.items() if k != "seconds"} for l in ls if "hook" not in l]
+    def strip(records):
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in records if "hook" not in r]
+
     assert strip(lines) == strip(read_metrics(tmp_path / "off")) and len(strip(lines)) == 2
 
 
@@ -135,7 +137,9 @@ def test_saved_bytes_per_layer_backprop_against_adjoint():
         assert adj["stack_saved_bytes"] == adj["stack_output_bytes"] == 8 * 6 * 4
         # Outside the stack the same tensors are saved; the head's input x_N counts
         # as the adjoint's stack output.
-        outside = lambda r: r["saved_bytes"] - r["stack_saved_bytes"]
+        def outside(r):
+            return r["saved_bytes"] - r["stack_saved_bytes"]
+
         assert outside(bp) == outside(adj) + adj["stack_output_bytes"]
     assert measure.saved_tensor_bytes(lambda: torch.randn(10, requires_grad=True).exp()) == 40
 
@@ -154,11 +158,12 @@ def test_smoothness_separates_tied_smooth_and_iid():
 
 def test_grad_error_probe_leaves_the_self_check_value_alone():
     import torch
+
+    from conftest import tanh_block
     from runner import ResidualStack
     from runner.gradmodes import Adjoint
+    from runner.inits import init_iid
     from runner.measure import grad_mode_as
-    from runner.models import init_iid
-    from conftest import tanh_block
 
     torch.manual_seed(0)
     stack = ResidualStack(init_iid(tanh_block, 8), "euler", Adjoint(roundtrip=True))

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import compose_config
+from conftest import compose_config, validate_job
 
 # lr=1e8 diverges at once (exit 1 for that job); lr=0.01 trains.
 SWEEP = ["-m", "train", "depth=4", "width=16", "epochs=1", "optimizer=sgd", "lr=0.01,1e8",
@@ -37,12 +37,12 @@ def check_failure_is_isolated(tmp_path, sweep, out):
 
     report = load_task("report")
     cfg = compose_config("report", [f"dir={sweep}"], tmp_path / "report")
-    report.validate(cfg)
+    validate_job("report", cfg)
     report.run(cfg)
     text = (tmp_path / "report" / "report.md").read_text()
     bad_dir = next(p.name for p in sweep.iterdir() if p.is_dir() and "lr=0.01" not in p.name
                    and not p.name.startswith("."))
-    assert [l for l in text.splitlines() if bad_dir in l and "| failed |" in l], text[-2000:]
+    assert [line for line in text.splitlines() if bad_dir in line and "| failed |" in line], text[-2000:]
 
 
 def test_submitit_local_sweep_keeps_other_jobs_when_one_fails(tmp_path):

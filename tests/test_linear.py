@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import compose_config
+from conftest import compose_config, validate_job
 
 
 def test_smooth_start_keeps_increments_order_one_over_n(tmp_path):
@@ -45,7 +45,7 @@ def test_iid_start_is_not_smooth(tmp_path):
 
     cfg = compose_config("linear", ["init=iid", "depths=[4,16]", "steps=20", "snapshots=[]",
                                     "progress=false"], tmp_path)
-    linear.validate(cfg)
+    validate_job("linear", cfg)
     summary = linear.run(cfg)
     per = {p["depth"]: p for p in summary["per_depth"]}
     # Increments stay O(1): N times them grows with N.
@@ -57,9 +57,20 @@ def test_iid_start_is_not_smooth(tmp_path):
                                        ("snapshots=[-1]", "snapshots")])
 def test_bad_values_name_the_key(tmp_path, bad, word):
     from runner.errors import ConfigError
-    from runner.tasks import linear
 
     overrides = [bad, "depths=[1,4]"] if bad == "method=heun" else [bad]
     cfg = compose_config("linear", overrides, tmp_path)
     with pytest.raises(ConfigError, match=word):
-        linear.validate(cfg)
+        validate_job("linear", cfg)
+
+
+def test_a_diverging_run_says_so_in_its_summary(tmp_path):
+    from runner.errors import RunFailed
+    from runner.tasks import linear
+
+    cfg = compose_config("linear", ["depths=[4]", "steps=200", "lr=1000", "snapshots=[]",
+                                    "progress=false"], tmp_path)
+    with pytest.raises(RunFailed, match="loss became"):
+        linear.run(cfg)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "failed" and "loss became" in summary["error"]

@@ -1,21 +1,17 @@
 """rode memory: backprop's saved activations grow with depth, the adjoint's do not."""
 import csv
 import json
-import subprocess
 
 import pytest
 
-from conftest import RODE, compose_config
+from conftest import compose_config, validate_job
 from runner.errors import ConfigError
-from runner.tasks import memory
 
 
-def test_memory_table_backprop_grows_adjoint_flat(tmp_path):
-    proc = subprocess.run([*RODE, "memory", "depths=[16,256]", "grads=[backprop,adjoint]", "dataset=synthetic",
-                           "width=16", "batch=32", "steps=1", "device=cpu",
-                           f"hydra.run.dir={tmp_path}"],
-                          capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stderr
+def test_memory_table_backprop_grows_adjoint_flat(tmp_path, rode_cli):
+    proc = rode_cli("memory", "depths=[16,256]", "grads=[backprop,adjoint]", "dataset=synthetic",
+                    "width=16", "batch_size=32", "steps=1", "device=cpu", f"hydra.run.dir={tmp_path}")
+    assert proc.code == 0, proc.err
     with open(tmp_path / "memory.csv") as f:
         reader = csv.DictReader(f)
         assert reader.fieldnames == ["depth", "grad", "method", "saved_bytes", "peak_bytes",
@@ -33,8 +29,9 @@ def test_memory_table_backprop_grows_adjoint_flat(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["peak_kind"] in ("cpu_peak_rss_growth", "process_peak_rss")
     assert summary["init"] == "tied" and len(summary["rows"]) == 4
-    table = proc.stdout.splitlines()
-    assert "peak" in table[1] and len([l for l in table if l.split()[:1] in (["16"], ["256"])]) == 4
+    assert summary["status"] == "completed"
+    table = proc.out.splitlines()
+    assert "peak" in table[1] and len([row for row in table if row.split()[:1] in (["16"], ["256"])]) == 4
 
 
 @pytest.mark.parametrize("override, message", [
@@ -43,4 +40,4 @@ def test_memory_table_backprop_grows_adjoint_flat(tmp_path):
 def test_bad_input_is_a_config_error(tmp_path, override, message):
     cfg = compose_config("memory", override.split(), tmp_path)
     with pytest.raises(ConfigError, match=message):
-        memory.validate(cfg)
+        validate_job("memory", cfg)

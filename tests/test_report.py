@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import compose_config
+from conftest import compose_config, validate_job
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -100,12 +100,12 @@ def test_report_draws_discretization_and_linear_figures(tmp_path):
     runs = tmp_path / "runs"
     discretization.run(compose_config("discretization", [
         "cases=[linear]", "weights=[constant,iid]", "depths=[4,8,16]", "ref_steps=64",
-        "trials=1", "batch=4", "progress=false"], runs / "disc"))
+        "trials=1", "batch_size=4", "progress=false"], runs / "disc"))
     linear.run(compose_config("linear", ["depths=[4,8]", "steps=10", "snapshots=[0,5]",
                                          "progress=false"], runs / "lin"))
     out = tmp_path / "report"
     cfg = compose_config("report", [f"dir={runs}"], out)
-    report.validate(cfg)
+    validate_job("report", cfg)
     summary = report.run(cfg)
     assert summary["jobs"] == 2 and summary.get("completed") == 2
     text = (out / "report.md").read_text()
@@ -116,6 +116,22 @@ def test_report_draws_discretization_and_linear_figures(tmp_path):
     assert "| 4 |" in text.split("## Linear ResNets")[1]
     for name in ("discretization.png", "linear_weights.png", "linear_increments.png"):
         assert (out / name).read_bytes()[:8] == PNG, name
+
+
+def test_run_control_keys_do_not_split_a_series(tmp_path):
+    """A resumed job, or one run with other threads, is the same experiment: one series."""
+    from runner.tasks import report
+
+    for depth, extra in ((2, {}), (4, {"resume": "x/checkpoint.pt", "threads": 1}),
+                         (8, {"eval_batch_size": 256, "device": "cuda"})):
+        config = {"depth": depth, "method": "euler", "grad": "adjoint", **extra}
+        write_job(tmp_path / f"depth={depth}", "train", config, {"summary.json": {
+            "status": "completed", "test_acc": 0.9, "config": config}})
+    out = tmp_path / "out"
+    report.run(compose_config("report", [f"dir={tmp_path}"], out))
+    train = (out / "report.md").read_text().split("## Test error vs depth")[1].split("\n## ")[0]
+    for depth in (2, 4, 8):
+        assert f"| euler adjoint | {depth} | 1 |" in train
 
 
 def test_report_of_a_job_dir_whose_name_holds_equals_and_commas(tmp_path):
@@ -131,13 +147,14 @@ def test_report_of_a_job_dir_whose_name_holds_equals_and_commas(tmp_path):
 def test_positional_word_becomes_the_tasks_key(tmp_path):
     from runner.cli import bind_positional
     from runner.errors import ConfigError
-    from runner.tasks import report, train
+    from runner.tasks import TASKS
 
+    report, train = TASKS["report"].positional, TASKS["train"].positional
     assert bind_positional(report, ["x/y", "out_dir=o"]) == ["dir='x/y'", "out_dir=o"]
     (tmp_path / "a=1,b=2").mkdir()
     path = str(tmp_path / "a=1,b=2")
     assert bind_positional(report, [path]) == [f"dir='{path}'"]
-    assert bind_positional(train, ["depth=4"]) == ["depth=4"]   # no POSITIONAL: untouched
+    assert bind_positional(train, ["depth=4"]) == ["depth=4"]   # no positional key: untouched
     with pytest.raises(ConfigError, match="expected one dir"):
         bind_positional(report, ["a", "b"])
 
@@ -156,10 +173,9 @@ def test_missing_dir_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
 
 def test_not_a_directory(tmp_path):
     from runner.errors import ConfigError
-    from runner.tasks import report
 
     with pytest.raises(ConfigError, match="not a directory"):
-        report.validate(compose_config("report", [f"dir={tmp_path / 'nope'}"], tmp_path))
+        validate_job("report", compose_config("report", [f"dir={tmp_path / 'nope'}"], tmp_path))
 
 
 def test_empty_dir_is_an_error(tmp_path):
@@ -179,31 +195,10 @@ CPU_EXPERIMENTS = {"test_error": "train", "grad_error": "gradcheck", "memory": "
 
 @pytest.mark.parametrize("name, task", CPU_EXPERIMENTS.items())
 def test_cpu_experiments_compose_and_validate(tmp_path, name, task):
-    from runner.tasks import load_task
 
     cfg = compose_config(task, [f"+experiment={name}"], tmp_path)
-    load_task(task).validate(cfg)
+    validate_job(task, cfg)
     assert cfg.get("device", "cpu") != "cuda"
-
-
-def test_full_variants_are_at_the_papers_scale():
-    from hydra import compose, initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    with initialize_config_module("runner.conf", version_base="1.3"):
-        cfg = compose("train", ["+experiment=test_error_full"], return_hydra_config=True)
-        grad = compose("gradcheck", ["+experiment=grad_error_full"], return_hydra_config=True)
-        tune = compose("finetune", ["+experiment=finetune_full", "checkpoint=x"])
-    GlobalHydra.instance().clear()
-    assert (cfg.dataset.name, cfg.model.name, cfg.width) == ("cifar10", "conv", 16)
-    assert (cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.schedule) == (
-        "sgd", 0.1, 0.9, 5e-4, "step")
-    params = cfg.hydra.sweeper.params
-    assert params.depth == "2,4,8,16,32,64"
-    assert params.method == "euler,heun" and params.grad == "backprop,adjoint"
-    assert grad.dataset.name == "cifar10" and grad.hydra.sweeper.params.depth.endswith("1024")
-    assert tune.grad == "adjoint" and tune.depth == 32
 
 
 def test_scripts_parse_and_say_what_they_show():

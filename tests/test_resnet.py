@@ -3,29 +3,23 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from omegaconf import OmegaConf
 
-from conftest import compose_config
+from conftest import compose_config, validate_job
 from runner.errors import ConfigError
 from runner.models import MODELS, build_model
 from runner.resnet import ARCHS
-from runner.tasks.train import validate
-
-
 
 
 def resnet(arch="resnet18", *, width=4, init="iid", grad="backprop", depths=None,
            stem="cifar", weights=None, shape=(3, 16, 16), classes=10, method="euler"):
-    config = OmegaConf.create({"name": "resnet", "arch": arch, "stem": stem, "depths": depths,
-                               "weights": weights})
-    return MODELS["resnet"](shape, classes, depth=0, width=width, init=init, method=method,
-                            grad=grad, config=config)
+    return MODELS["resnet"](shape, classes, width=width, init=init, method=method, grad=grad,
+                            arch=arch, stem=stem, depths=depths, weights=weights)
 
 
 def test_stages_follow_torchvision():
     model = resnet("resnet50", init="tied")
     blocks = ARCHS["resnet50"][1]
-    for stage, n_blocks in zip(model.stages(), blocks):
+    for stage, n_blocks in zip(model.stages(), blocks, strict=True):
         assert isinstance(stage.first, torchvision.models.resnet.Bottleneck)
         assert stage.first.downsample is not None   # 64 -> 256 channels, then stride 2
         assert stage.stack.depth == n_blocks - 1
@@ -133,7 +127,7 @@ def test_weights_through_the_config(tmp_path):
     torch.save(torchvision.models.resnet18(weights=None, num_classes=10).state_dict(), path)
     cfg = compose_config("train", ["model=resnet", "dataset=synthetic", "dataset.shape=[3,32,32]",
                                    "init=iid", f"model.weights={path}"], tmp_path)
-    validate(cfg)
+    validate_job("train", cfg)
     model = build_model(cfg, (3, 32, 32), 10)
     state = torch.load(path)
     assert torch.equal(model.fc.weight, state["fc.weight"])
@@ -147,6 +141,6 @@ def test_weights_through_the_config(tmp_path):
         overrides = ["model=resnet", "dataset=synthetic", "dataset.shape=[3,32,32]", "init=iid",
                      f"model.weights={path}", override]
         with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
-            validate(compose_config("train", overrides, tmp_path))
+            validate_job("train", compose_config("train", overrides, tmp_path))
     with pytest.raises(ConfigError, match="needs image data"):
-        validate(compose_config("train", ["model=resnet", "dataset=synthetic"], tmp_path))
+        validate_job("train", compose_config("train", ["model=resnet", "dataset=synthetic"], tmp_path))

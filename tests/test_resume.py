@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from conftest import compose_config
+from conftest import compose_config, validate_job
 from runner import checkpoint
 from runner.engine import train
 from runner.errors import ConfigError, RunFailed
@@ -21,7 +21,7 @@ FAST = ["dataset=synthetic", "depth=4", "width=16", "epochs=3", "progress=false"
 
 
 def epoch_records(run_dir):
-    lines = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [{k: v for k, v in r.items() if k != "seconds"} for r in lines if "test_acc" in r]
 
 
@@ -117,11 +117,10 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 
 
 def test_resuming_a_finished_run_is_refused(tmp_path):
-    from runner.tasks.train import validate
 
     train(compose_config("train", [*FAST, "epochs=1"], tmp_path))
     with pytest.raises(ConfigError, match="already finished its 1 epochs"):
-        validate(compose_config("train", [*FAST, f"resume={tmp_path}"], tmp_path))
+        validate_job("train", compose_config("train", [*FAST, f"resume={tmp_path}"], tmp_path))
 
 
 @pytest.mark.slow

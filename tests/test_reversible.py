@@ -4,12 +4,11 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import compose_config, flat_grads, tanh_block, validate_job
 from runner import ResidualStack
 from runner.gradmodes import Adjoint
+from runner.inits import init_iid, init_smooth, init_tied
 from runner.integrators import INTEGRATORS, Momentum, ReversibleHeun
-from runner.models import init_iid, init_smooth, init_tied
-
-from conftest import compose_config, flat_grads, tanh_block
 
 
 def adjoint_error(functions, method, x, mode=None, **stack_options):
@@ -74,7 +73,7 @@ def test_reverse_inverts_step(method):
     assert len(states) == stack.num_steps + 1
     assert torch.equal(stack.integrator.output(states[0]), X)
     rebuilt = stack.rebuild(states[-1])
-    for true, back in zip(states, rebuilt):
+    for true, back in zip(states, rebuilt, strict=True):
         assert torch.allclose(back, true, rtol=0, atol=1e-13)
 
 
@@ -196,8 +195,8 @@ def test_gradcheck_task_shows_rev_heun_exact(tmp_path):
     from runner.tasks import gradcheck
 
     cfg = compose_config("gradcheck", ["method=rev_heun", "depth=12", "init=iid", "width=16",
-                                       "batch=32", "device=cpu"], tmp_path)
-    gradcheck.validate(cfg)
+                                       "batch_size=32", "device=cpu"], tmp_path)
+    validate_job("gradcheck", cfg)
     summary = gradcheck.run(cfg)
     assert summary["method"] == "rev_heun" and summary["num_layers"] == 12
     assert summary["rel_error"] < 1e-10 and summary["max_layer_rel_error"] < 1e-10

@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from runner import ResidualStack
-from runner.models import MLPBlock, init_smooth, init_tied
+from runner.inits import init_smooth, init_tied
+from runner.models import MLPBlock
 
 
 def flat_grads(stack, x, seed=0):
@@ -97,7 +98,9 @@ def test_heun_needs_two_functions():
 
 def test_any_tensor_shape_works():
     torch.manual_seed(0)
-    conv = lambda: nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.Tanh()).double()
+    def conv():
+        return nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.Tanh()).double()
+
     functions = [conv() for _ in range(8)]
     x = torch.randn(2, 3, 5, 7, dtype=torch.float64)
     for method in ["euler", "heun"]:
@@ -141,7 +144,9 @@ def test_batchnorm_adjoint_gradient_is_close_to_backprop():
 
 def test_dropout_masks_are_replayed_in_the_backward_pass():
     torch.manual_seed(0)
-    drop = lambda: nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Dropout(0.3), nn.Linear(8, 8)).double()
+    def drop():
+        return nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Dropout(0.3), nn.Linear(8, 8)).double()
+
     functions = init_tied(drop, 64)
     x = torch.randn(5, 8, dtype=torch.float64)
     replayed = rel_error("euler", functions, x)

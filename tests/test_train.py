@@ -3,6 +3,7 @@ import json
 import subprocess
 import sys
 import zipfile
+from itertools import pairwise
 
 import pytest
 
@@ -11,7 +12,7 @@ from runner.engine import train
 
 
 def read_metrics(run_dir):
-    return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_defaults_reach_95_percent_on_digits(tmp_path):
@@ -54,9 +55,13 @@ def test_every_init_trains_on_synthetic_data(tmp_path, init):
 
 def test_inits_shape_the_weights():
     import torch
-    from runner.models import MLPBlock, init_smooth, init_tied, init_zero, init_iid
 
-    make = lambda: MLPBlock(4, 4)
+    from runner.inits import init_iid, init_smooth, init_tied, init_zero
+    from runner.models import MLPBlock
+
+    def make():
+        return MLPBlock(4, 4)
+
     tied = init_tied(make, 5)
     assert all(b is tied[0] for b in tied)
     zero = init_zero(make, 3)
@@ -65,12 +70,13 @@ def test_inits_shape_the_weights():
 
     def max_increment(blocks):
         flat = [torch.cat([p.flatten() for p in b.parameters()]) for b in blocks]
-        return max((a - b).norm().item() for a, b in zip(flat, flat[1:]))
+        return max((a - b).norm().item() for a, b in pairwise(flat))
     # smooth in depth: increments O(1/N); iid: O(1) whatever N
     assert max_increment(init_smooth(make, 64)) < max_increment(init_smooth(make, 8)) / 4
     assert max_increment(init_iid(make, 64)) > 0.5 * max_increment(init_iid(make, 8))
 
 
+@pytest.mark.slow   # builds a wheel with pip in a separate process
 def test_built_wheel_ships_the_configs(tmp_path):
     """`pip install .` (not only -e) must carry conf/ as runner/conf."""
     out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
@@ -95,8 +101,10 @@ def test_momentum_factor_comes_from_config(tmp_path):
 
 def test_tied_conv_blocks_share_weights_but_not_batchnorm_statistics():
     import torch
+
     from runner import ResidualStack
-    from runner.models import ConvBlock, init_tied
+    from runner.inits import init_tied
+    from runner.models import ConvBlock
 
     torch.manual_seed(0)
     blocks = init_tied(lambda: ConvBlock(4), 4)

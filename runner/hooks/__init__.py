@@ -7,25 +7,12 @@ Register it in ``HOOKS`` to make it available from the config
 """
 from __future__ import annotations
 
-
-class Hook:
-    name = ""
-
-    def __init__(self, every: int = 1, **options):
-        self.every = int(every)
-        self.options = options
-
-    def on_train_start(self, run) -> None: ...
-    def on_step_end(self, run) -> None: ...
-    def on_epoch_end(self, run) -> None: ...
-    def on_train_end(self, run) -> None: ...
-
-
-# The hook modules subclass Hook (defined above), hence the late imports.
-from .grad_error import GradErrorHook  # noqa: E402
-from .memory import MemoryHook  # noqa: E402
-from .recon import ReconHook  # noqa: E402
-from .smoothness import SmoothnessHook  # noqa: E402
+from ..errors import ConfigError
+from .base import Hook
+from .grad_error import GradErrorHook
+from .memory import MemoryHook
+from .recon import ReconHook
+from .smoothness import SmoothnessHook
 
 HOOKS: dict[str, type[Hook]] = {
     "grad_error": GradErrorHook, "memory": MemoryHook, "recon": ReconHook,
@@ -35,8 +22,6 @@ HOOKS: dict[str, type[Hook]] = {
 
 def build_hooks(cfg) -> list[Hook]:
     """cfg: the ``hooks`` node, ``{name: {every: K, ...}}``; hooks with every<=0 are skipped."""
-    from ..errors import ConfigError
-
     hooks = []
     for name, options in (cfg or {}).items():
         if name not in HOOKS:

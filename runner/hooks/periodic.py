@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..errors import ConfigError
 from ..measure import preserved_rng
-from . import Hook
+from .base import Hook
 
 
 def check_option(hook: str, key: str, value, low: int = 1, allow_none: bool = False):

@@ -16,18 +16,22 @@ the same residual functions on the same batch: N MLP residual functions (width
 - ``grad_rel_error``: ||g - g_backprop|| / ||g_backprop|| over all parameters,
   against backprop on the same functions and batch.
 
-Writes ``bench.csv`` (one row per measurement), ``bench.json`` (config, notes,
-the ratios the targets are about) and prints a table.
+Writes ``bench.csv`` (one row per measurement), ``summary.json`` (status, config,
+notes, the ratios the targets are about; the same in ``bench.json``, its older
+name) and prints a table.
 """
 from __future__ import annotations
 
-import csv
+import copy
 import ctypes
 import gc
+import importlib
 import json
 import logging
 import math
+import os
 import statistics
+import subprocess
 import sys
 import time
 import warnings
@@ -37,12 +41,15 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..config import (MAX_DEPTH, as_list, check_bool, check_choice, check_choice_list,
-                      check_device, check_int, check_int_list, show_progress)
+from ..config import as_list, show_progress
 from ..contenders import CONTENDERS
+from ..inits import INITS
 from ..integrators import INTEGRATORS
+from ..io import format_size, plain, write_csv, write_json
 from ..measure import proc_status
-from ..models import INITS, MLPBlock
+from ..models import MLPBlock
+from ..preflight import check_device
+from ..reporting import Job, num, table, table_jobs
 
 log = logging.getLogger("rode")
 
@@ -50,32 +57,17 @@ COLUMNS = ["depth", "contender", "method", "width", "batch", "seconds_per_step",
            "peak_bytes", "grad_rel_error",
            # extras, after the fixed columns
            "steps", "seconds_min", "repeats", "memory_kind", "device", "dtype", "init", "threads"]
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
+DTYPES = {"float32": torch.float32, "float64": torch.float64,
+          "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Below float32 the gradient error is against backprop in float64 on the same weights.
+LOW_PRECISION = ("bfloat16", "float16")
 ACTIVATIONS = ("relu", "tanh", "gelu")
 
 
 # -------------------------------------------------------------------- config
 def validate(cfg) -> None:
-    methods = check_choice_list(cfg, "methods", INTEGRATORS)
-    check_choice_list(cfg, "contenders", CONTENDERS)
-    low = max(INTEGRATORS[m].min_functions for m in methods)
-    check_int_list(cfg, "depths", low, MAX_DEPTH, f" (the fewest functions of methods={methods})")
-    check_int(cfg, "width", 1, 65_536)
-    if cfg.hidden is not None:
-        check_int(cfg, "hidden", 1, 65_536)
-    check_int(cfg, "batch", 1)
-    check_choice(cfg, "activation", ACTIVATIONS)
-    check_choice(cfg, "init", INITS)
-    check_choice(cfg, "dtype", DTYPES)
+    """The device (the schema and rules checked the rest)."""
     check_device(cfg)
-    if cfg.threads is not None:
-        check_int(cfg, "threads", 1, 1024)
-    check_int(cfg, "warmup", 0)
-    check_int(cfg, "repeats", 1)
-    check_int(cfg, "seed", 0)
-    check_bool(cfg, "memory")
-    check_bool(cfg, "compile")
-    check_bool(cfg, "progress")
 
 
 # ------------------------------------------------------------------ problem
@@ -93,6 +85,16 @@ def make_problem(spec: dict):
     x0 = torch.randn(spec["batch"], width, generator=g, dtype=dtype).to(device)
     target = torch.randn(spec["batch"], width, generator=g, dtype=dtype).to(device)
     return functions, params, x0, target
+
+
+def float64_reference(functions, method: str, x0, target) -> torch.Tensor:
+    """Backprop's gradient in float64 on the same (rounded) weights and batch, in
+    the order of ``make_problem``'s params (one deep copy: ties survive)."""
+    wide = copy.deepcopy(nn.ModuleList(functions)).to(torch.float64)
+    params = list(wide.parameters())
+    model = CONTENDERS["backprop"].build(list(wide), method, compile=False)
+    train_step(model, params, x0.double(), target.double())
+    return flat_grad(params)
 
 
 def train_step(model, params, x0, target) -> float:
@@ -155,9 +157,6 @@ def _serve() -> None:
     line, measures :func:`peak_of_step` in a child forked for it, answers one JSON
     line. Forking from here is cheap (torch is imported) and safe (no torch
     thread has started in this process)."""
-    import importlib
-    import os
-
     # Import once here what is otherwise imported lazily in each child (autograd.grad
     # pulls in symbolic_shapes on its first call: most of a second).
     for module in ["torch.fx.experimental.symbolic_shapes", "torch.utils.checkpoint",
@@ -202,8 +201,6 @@ class CpuMemory:
     kind = "cpu_peak_rss_over_baseline"
 
     def __init__(self):
-        import subprocess
-
         self.server = subprocess.Popen(
             [sys.executable, "-m", "runner.tasks.bench", "--memory-server"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -273,14 +270,14 @@ def run(cfg) -> dict:
     try:
         for method, depth in jobs:
             spec = {"method": method, "depth": depth, "width": int(cfg.width),
-                    "hidden": cfg.hidden and int(cfg.hidden), "batch": int(cfg.batch),
+                    "hidden": cfg.hidden and int(cfg.hidden), "batch": int(cfg.batch_size),
                     "activation": cfg.activation, "init": cfg.init, "dtype": cfg.dtype,
                     "device": device, "seed": int(cfg.seed), "threads": threads,
                     "compile": bool(cfg.compile)}
             here = [n for n in names if method in CONTENDERS[n].methods]
             start = time.perf_counter()
             rows += _bench_one(spec, here, cfg, memory, memory_kind, notes, bar)
-            write_csv(rows, out_dir / "bench.csv")   # after each depth: a long run keeps its rows
+            write_csv(rows, out_dir / "bench.csv", COLUMNS)   # after each depth: a long run keeps its rows
             if bar.disable:
                 print(f"rode bench: {method} depth {depth}: {len(here)} contenders in "
                       f"{time.perf_counter() - start:.0f} s", flush=True)
@@ -289,11 +286,11 @@ def run(cfg) -> dict:
         if memory is not None:
             memory.close()
 
-    summary = {"config": {k: _plain(cfg[k]) for k in cfg if k != "out_dir"},
+    summary = {"status": "completed", "config": plain(cfg, exclude=["out_dir"]),
                "device": device, "threads": threads, "memory_kind": memory_kind,
                "torch": torch.__version__, "notes": notes, "ratios": ratios(rows)}
-    with open(out_dir / "bench.json", "w") as f:
-        json.dump(summary, f, indent=2)
+    write_json(summary, out_dir / "summary.json")
+    write_json(summary, out_dir / "bench.json")
     print(format_table(rows), flush=True)
     for note in notes:
         print(f"note: {note}", flush=True)
@@ -319,7 +316,8 @@ def _bench_one(spec, names, cfg, memory, memory_kind, notes, bar) -> list[dict]:
     for _ in range(int(cfg.repeats)):
         for n, model in models.items():
             times[n].append(train_step(model, params, x0, target))
-    reference = grads["backprop"]
+    reference = (float64_reference(functions, spec["method"], x0, target)
+                 if spec["dtype"] in LOW_PRECISION else grads["backprop"])
     del models
     gc.collect()
 
@@ -346,13 +344,6 @@ def _bench_one(spec, names, cfg, memory, memory_kind, notes, bar) -> list[dict]:
 
 
 # ------------------------------------------------------------------ output
-def write_csv(rows: list[dict], path: Path) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def ratios(rows: list[dict]) -> dict:
     """What the targets are about, per method: time / backprop's at each depth,
     peak memory at the largest depth / at depth 64 (or the smallest), gradient
@@ -405,14 +396,28 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _plain(value):
-    from omegaconf import OmegaConf
 
-    try:
-        return OmegaConf.to_container(value, resolve=True)
-    except ValueError:
-        return value
-
+# ------------------------------------------------------------------ report
+def report_section(jobs: list[Job], out: Path, figures: list[str]) -> str:
+    found = table_jobs(jobs, "bench.csv")
+    rows = [r for _, rs in found for r in rs]
+    if not rows:
+        return ""
+    from ..plots import plot_bench  # matplotlib: only when a report is drawn
+    plot_bench(rows, out / "bench.png")
+    figures.append("bench.png")
+    body = [[r.get("contender"), r.get("method"), int(num(r["depth"])), r.get("width"),
+             r.get("batch"), num(r.get("seconds_per_step")), format_size(r.get("peak_bytes")),
+             num(r.get("grad_rel_error"))]
+            for r in sorted(rows, key=lambda r: (r.get("method", ""), num(r["depth"]),
+                                                 r.get("contender", "")))]
+    notes = [n for j, _ in found for n in j.summary.get("notes", [])]
+    return "\n".join([
+        "## Benchmark: one training step vs depth (`rode bench`)", "",
+        table(["contender", "method", "depth", "width", "batch", "s/step", "peak",
+               "grad error"], body), "",
+        *[f"- note: {n}" for n in notes], *([""] if notes else []),
+        "![benchmark](bench.png)"])
 
 if __name__ == "__main__" and sys.argv[1:] == ["--memory-server"]:
     _serve()

@@ -21,20 +21,19 @@ N steps that end at t = 1, as Euler's N steps do.
 """
 from __future__ import annotations
 
-import csv
 import math
+from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..config import (MAX_DEPTH, as_list, check_bool, check_choice_list, check_float, check_int,
-                      check_int_list, show_progress)
-from ..engine import write_json
-from ..errors import ConfigError
+from ..config import as_list, show_progress
 from ..integrators import INTEGRATORS
+from ..io import fit_slope, plain, write_csv, write_json
+from ..plots import plot_discretization
+from ..reporting import Job, figure_suffixes, num, table, table_jobs
 from ..stack import ResidualStack
 
 DTYPE = torch.float64
@@ -230,33 +229,7 @@ def rel_error(x: torch.Tensor, ref: torch.Tensor) -> float:
             / torch.linalg.vector_norm(ref, dim=-1)).mean().item()
 
 
-def fit_slope(depths, errors) -> float:
-    """Least-squares slope of log(error) against log(depth)."""
-    ok = [(d, e) for d, e in zip(depths, errors) if e > 0 and math.isfinite(e)]
-    if len(ok) < 2:
-        return float("nan")
-    d, e = np.array(ok).T
-    return float(np.polyfit(np.log(d), np.log(e), 1)[0])
-
-
 # -------------------------------------------------------------------- task
-def validate(cfg) -> None:
-    for key, valid in (("cases", CASES), ("weights", WEIGHTS), ("methods", INTEGRATORS)):
-        check_choice_list(cfg, key, valid)
-    depths = check_int_list(cfg, "depths", 1, MAX_DEPTH)
-    check_int(cfg, "dim", 1, 1024)
-    check_int(cfg, "batch", 1)
-    check_int(cfg, "trials", 1)
-    check_int(cfg, "modes", 1)
-    check_int(cfg, "seed", 0)
-    check_float(cfg, "scale", positive=True)
-    steps = check_int(cfg, "ref_steps", 1)
-    if steps < 4 * max(depths):
-        raise ConfigError(f"ref_steps={steps} must be at least 4 x the largest depth "
-                          f"({4 * max(depths)}) for the reference to be finer than the ResNets")
-    check_bool(cfg, "progress")
-
-
 def run(cfg) -> dict:
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -269,7 +242,7 @@ def run(cfg) -> dict:
     for case_name, weights in jobs:
         case = CASES[case_name](int(cfg.dim))
         std = case.std(float(cfg.scale))
-        x0 = torch.randn((cfg.trials, cfg.batch, cfg.dim), generator=g, dtype=DTYPE)
+        x0 = torch.randn((cfg.trials, cfg.batch_size, cfg.dim), generator=g, dtype=DTYPE)
         path, ref = None, None
         if weights == "constant":
             path = Constant(torch.randn((cfg.trials, len(std)), generator=g, dtype=DTYPE) * std)
@@ -302,13 +275,13 @@ def run(cfg) -> dict:
                            "slope": slope, "order": order,
                            "expected": EXPECTED[weights].replace("-order", f"-{order}")})
 
-    write_csv(out_dir / "discretization.csv", rows, ["case", "weights", "method", "depth", "error"])
-    write_csv(out_dir / "slopes.csv", slopes,
-              ["case", "weights", "method", "slope", "order", "expected"])
+    write_csv(rows, out_dir / "discretization.csv", ["case", "weights", "method", "depth", "error"],
+              float_format=".6g")
+    write_csv(slopes, out_dir / "slopes.csv",
+              ["case", "weights", "method", "slope", "order", "expected"], float_format=".6g")
     summary = {"status": "completed", "depths": depths, "slopes": slopes,
-               "config": {k: v for k, v in _plain(cfg).items() if k != "out_dir"}}
+               "config": plain(cfg, exclude=["out_dir"])}
     write_json(summary, out_dir / "summary.json")
-    from ..plots import plot_discretization
     plot_discretization(rows, out_dir / "discretization.png")
 
     print(f"rode discretization: log-log slope of ||x_N - x(1)|| / ||x(1)|| over "
@@ -320,15 +293,36 @@ def run(cfg) -> dict:
     return summary
 
 
-def write_csv(path: Path, rows: list[dict], fields: list[str]) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
+
+# ------------------------------------------------------------------ report
+def report_section(jobs: list[Job], out: Path, figures: list[str]) -> str:
+    found = table_jobs(jobs, "discretization.csv")
+    if not found:
+        return ""
+    text = ["## Discretization error vs depth (`rode discretization`)", "",
+            "||x_N - x(1)|| / ||x(1)||: the ResNet with θ_n = θ(n/N) against the Neural ODE "
+            "(exact for the linear case with constant weights, fine RK4 otherwise)."]
+    for (job, rows), suffix in zip(found, figure_suffixes([j for j, _ in found]), strict=True):
+        name = f"discretization{suffix}.png"
+        plot_discretization(rows, out / name)
+        figures.append(name)
+        groups = defaultdict(list)
         for r in rows:
-            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v)
-                             for k, v in r.items() if k in fields})
+            groups[(r.get("case", ""), r["weights"], r["method"])].append(
+                (int(r["depth"]), num(r["error"])))
+        body = []
+        for (case, weights, method), pts in groups.items():
+            pts.sort()
+            body.append([case, weights, method, f"{pts[0][1]:.3g}", f"{pts[-1][1]:.3g}",
+                         f"{fit_slope(*zip(*pts, strict=True)):+.2f}"])
+        depths = sorted({p for pts in groups.values() for p, _ in pts})
+        text += ["", f"Job `{job.name}`: depths {depths[0]}..{depths[-1]}.", "",
+                 table(["case", "weights", "method", f"error N={depths[0]}",
+                        f"error N={depths[-1]}", "slope"], body), "",
+                 f"![discretization error vs depth]({name})"]
+    return "\n".join(text)
 
 
-def _plain(cfg) -> dict:
-    from omegaconf import OmegaConf
-    return OmegaConf.to_container(cfg, resolve=True)
+def report_result(job: Job) -> str:
+    slopes = job.summary.get("slopes")
+    return f"{len(slopes)} slopes" if slopes is not None else ""

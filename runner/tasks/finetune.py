@@ -12,8 +12,8 @@ summary.json with the accuracy before and after, and the memory used.
 from __future__ import annotations
 
 import copy
-import json
 import logging
+import math
 import re
 from pathlib import Path
 
@@ -22,12 +22,19 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from .. import checkpoint
-from ..config import MAX_DEPTH, check_choice, check_int, check_training_config
+from ..config import check_depths
+from ..data import build_dataset, make_loader
+from ..engine import evaluate, resolve_device, seed_everything, train
 from ..errors import ConfigError
-from ..gradmodes import GRAD_MODES, Backprop
-from ..hooks import build_hooks
+from ..gradmodes import Backprop
+from ..io import append_jsonl, format_size, write_json
+from ..measure import grad_mode_as, saved_activation_bytes, untouched
+from ..models import build_model, grad_mode_from_config
+from ..preflight import check_amp
+from ..reporting import Job, fmt, table
+from ..schema import METHODS
 from ..stack import ResidualStack
-from .train import check_amp
+from ..vision import check_dataset
 
 log = logging.getLogger("rode")
 
@@ -87,7 +94,7 @@ def recalibrate_batchnorm(model: nn.Module, loader, device, batches: int) -> int
             break
         model(x.to(device))
         used += 1
-    for m, momentum in zip(norms, momenta):
+    for m, momentum in zip(norms, momenta, strict=True):
         m.momentum = momentum
     return used
 
@@ -109,7 +116,7 @@ def refine(model: nn.Module, depths: list[int], grad) -> None:
     with ``grad``; the method stays. The step size scales with the depth (1/N ->
     1/N' by default). In place: the model (or stack) object stays the same."""
     stacks = [m for m in model.modules() if isinstance(m, ResidualStack)]
-    for stack, depth in zip(stacks, depths):
+    for stack, depth in zip(stacks, depths, strict=True):
         new = ResidualStack(resample_depth(list(stack.functions), depth), stack.integrator, grad,
                             step_size=stack.step_size * stack.depth / depth,
                             preserve_rng=stack.preserve_rng)
@@ -175,37 +182,21 @@ def job_config(cfg, saved: dict, depths: list[int]):
 
 # ----------------------------------------------------------------- task
 def validate(cfg) -> None:
-    from ..integrators import INTEGRATORS
-    from ..vision import check_dataset
-
-    if OmegaConf.is_missing(cfg, "checkpoint"):
-        raise ConfigError("checkpoint is required: checkpoint=<run dir or checkpoint.pt>")
+    """The checkpoint (it must rebuild its model), the new depths against its method,
+    the device and the dataset's files (the schema checked the training knobs)."""
     ckpt = checkpoint.load(cfg.checkpoint)
     checkpoint.check_rebuilds(ckpt, ckpt["config"], f"checkpoint={cfg.checkpoint}")
-    check_choice(cfg, "grad", GRAD_MODES)
-    check_int(cfg, "seed", 0)
-    build_hooks(cfg.get("hooks"))
-    check_training_config(cfg)
     check_amp(cfg)
-    check_int(cfg, "bn_recalibration", 0)
     old = stack_depths(ckpt["model"])
     if not old:
         raise ConfigError(f"checkpoint={cfg.checkpoint}: the model has no residual stack")
     depths = new_depths(cfg, old)
     method = ckpt["config"].get("method", "euler")
-    low = INTEGRATORS[method].min_functions if method in INTEGRATORS else 1
-    if not all(low <= d <= MAX_DEPTH for d in depths):
-        raise ConfigError(f"depth={_show(cfg.depth)}: every depth must be in "
-                          f"[{low}, {MAX_DEPTH}] (method={method})")
+    check_depths(depths, [method if method in METHODS else "euler"], "depth")
     check_dataset(job_config(cfg, ckpt["config"], depths).dataset)
 
 
 def run(cfg) -> dict:
-    from ..data import build_dataset, make_loader
-    from ..engine import evaluate, resolve_device, seed_everything, train, write_json
-    from ..measure import grad_mode_as, saved_activation_bytes, untouched
-    from ..models import build_model, grad_mode_from_config
-
     path = checkpoint.locate(cfg.checkpoint)
     ckpt = checkpoint.load(path)
     old = stack_depths(ckpt["model"])
@@ -250,7 +241,8 @@ def run(cfg) -> dict:
     # ---- fine-tune
     summary = train(job, model=model, data=data)
     record = {"checkpoint": str(path), "tied": tied, "depth_before": old, "depth_after": depths,
-              "grad": cfg.grad, "acc_before": acc_before, "acc_untied": acc_untied, "bn_recalibration_batches": used,
+              "grad": cfg.grad, "acc_before": acc_before, "acc_untied": acc_untied,
+              "bn_recalibration_batches": used,
               "acc_after": summary["test_acc"], "batch": len(y),
               "saved_bytes_backprop": bp["saved_bytes"],
               "stack_saved_bytes_backprop": bp["stack_saved_bytes"],
@@ -258,8 +250,7 @@ def run(cfg) -> dict:
               f"stack_saved_bytes_{cfg.grad}": ours["stack_saved_bytes"]}
     summary.update(record)
     write_json(summary, Path(cfg.out_dir) / "summary.json")
-    with open(Path(cfg.out_dir) / "metrics.jsonl", "a") as f:
-        f.write(json.dumps({"event": "finetune", **record}) + "\n")
+    append_jsonl({"event": "finetune", **record}, Path(cfg.out_dir) / "metrics.jsonl")
 
     mib = 2.0 ** 20
     print(f"rode finetune: test accuracy {100 * acc_before:.2f}% (checkpoint, depth {old}) -> "
@@ -274,3 +265,33 @@ def run(cfg) -> dict:
           f"{summary['peak_memory_bytes'] / mib:.0f} MiB ({summary['peak_memory_kind']}) "
           f"-> {cfg.out_dir}", flush=True)
     return summary
+
+
+# ------------------------------------------------------------------ report
+def report_section(jobs: list[Job], out: Path, figures: list[str]) -> str:
+    done = [j for j in jobs if j.status == "completed" and "acc_before" in j.summary]
+    if not done:
+        return ""
+    body = []
+    for j in done:
+        s = j.summary
+        grad = s.get("grad", "")
+        untied = s.get("acc_untied", s.get("acc_refined", math.nan))   # acc_refined: older name
+        body.append([f"`{j.name}`", _depths(s.get("depth_before")), _depths(s.get("depth_after")),
+                     grad, f"{100 * s['acc_before']:.2f}", f"{100 * untied:.2f}",
+                     f"{100 * s.get('acc_after', s.get('test_acc', math.nan)):.2f}",
+                     format_size(s.get("stack_saved_bytes_backprop")),
+                     format_size(s.get(f"stack_saved_bytes_{grad}"))])
+    return "\n".join([
+        "## Fine-tuning untied models (`rode finetune`)", "",
+        table(["job", "depth before", "depth after", "grad", "acc before %", "untied %",
+               "after %", "stack activations (backprop)", "stack activations (this grad)"], body)])
+
+
+def _depths(value) -> str:
+    return ", ".join(map(str, value)) if isinstance(value, list) else fmt(value)
+
+
+def report_result(job: Job) -> str:
+    s = job.summary
+    return f"test acc {100 * s['test_acc']:.2f}%" if "test_acc" in s else ""

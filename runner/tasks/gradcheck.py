@@ -1,6 +1,6 @@
 """rode gradcheck: the adjoint's gradient against exact backprop, per residual layer.
 
-On a fixed probe batch (the first ``batch`` training examples), computes the
+On a fixed probe batch (the first ``batch_size`` training examples), computes the
 gradient of the loss with ordinary backprop and with the discrete adjoint, on
 the same weights (those ``rode train`` starts from with the same seed, or a
 trained model's with ``checkpoint=``), and writes
@@ -10,55 +10,56 @@ trained model's with ``checkpoint=``), and writes
 - ``summary.json``: the totals (``rel_error``, ``cosine`` over all
   parameters; ``stack_rel_error``, ``stack_cosine`` over the residual
   functions) and the setting.
+
+The reference is always backprop in float64 on the same weights and batch. With
+``dtype=float32|bfloat16|float16`` (or ``amp=true``: autocast over float32
+weights, as ``rode train amp=true`` does) the model runs in that precision and
+the summary also holds the rounding floor: ``backprop_rel_error`` and
+``backprop_stack_rel_error``, backprop's own error in the same precision. The
+adjoint's self-check runs on the same pass (it changes no gradient):
+``roundtrip_error`` is ||x̃_0 - x_0|| / ||x_0|| of the rebuilt input. With
+``adjoint.max_roundtrip`` set and passed, ``escalated`` is true and a second
+adjoint pass (anchored, as training would continue) gives
+``escalated_stack_rel_error`` at ``escalated_anchor_every``.
 """
 from __future__ import annotations
 
-import csv
+import contextlib
+import copy
+import math
+import statistics
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from omegaconf import OmegaConf, open_dict
 
 from .. import checkpoint as ckpt
-from ..config import MAX_DEPTH, check_choice, check_device, check_image_data, check_int
-from ..data import DATASETS, build_dataset, make_loader
-from ..engine import resolve_device, seed_everything, write_json
-from ..errors import ConfigError
+from ..config import check_depths, check_image_data
+from ..data import build_dataset, make_loader
+from ..engine import seed_everything
 from ..gradmodes import get_grad_mode
-from ..integrators import INTEGRATORS
-from ..measure import gradient_error, residual_stacks
-from ..models import INITS, MODELS, build_model
+from ..io import fit_slope, plain, read_csv, write_csv, write_json
+from ..measure import grad_mode_as, layer_groups, residual_stacks, untouched
+from ..models import build_model
+from ..preflight import check_device, resolve_device
+from ..reporting import Job, depth_of, factors, num, series_label, table
 
-DTYPES = {"float64": torch.float64, "float32": torch.float32}
+DTYPES = {"float64": torch.float64, "float32": torch.float32,
+          "bfloat16": torch.bfloat16, "float16": torch.float16}
 # What a checkpoint's config decides: the model it holds.
 ARCHITECTURE = ("model", "dataset", "depth", "width", "method", "init", "adjoint")
 
 
 def validate(cfg) -> None:
-    check_int(cfg, "batch", 1)
-    check_choice(cfg, "dtype", DTYPES)
-    check_int(cfg, "seed", 0)
+    """The device, and a checkpoint= that must rebuild its own model."""
     check_device(cfg)
     if cfg.checkpoint is not None:
-        # The checkpoint's config gives the architecture: it must rebuild that model.
         saved = ckpt.load(cfg.checkpoint)
         ckpt.check_rebuilds(saved, saved["config"], f"checkpoint={cfg.checkpoint}")
-        return
-    check_architecture(cfg)
-
-
-def check_architecture(cfg) -> None:
-    check_choice(cfg, "dataset.name", DATASETS)
-    check_choice(cfg, "model.name", MODELS)
-    method = check_choice(cfg, "method", INTEGRATORS)
-    check_choice(cfg, "init", INITS)
-    depth = check_int(cfg, "depth", 1, MAX_DEPTH)
-    low = INTEGRATORS[method].min_functions
-    if depth < low:
-        raise ConfigError(f"depth={depth} is too small for method={method}: it needs depth >= {low}")
-    check_int(cfg, "width", 1, 65_536)
-    check_image_data(cfg)
+        architecture(cfg)
 
 
 def architecture(cfg):
@@ -71,10 +72,78 @@ def architecture(cfg):
         for key in ARCHITECTURE:
             if key in saved:
                 arch[key] = saved[key]
-        check_architecture(arch)
+        check_depths(arch.depth, [arch.method], "depth")
+        check_image_data(arch)
     with open_dict(arch):
         arch.grad = "backprop"   # build_model needs one; the probe uses both
     return arch, checkpoint
+
+
+def autocast_of(device: torch.device, amp: bool):
+    """The autocast context of ``amp=true`` on ``device`` (CPU: bfloat16; CUDA:
+    bfloat16 where the GPU has it, else float16, as ``rode train``), or a no-op."""
+    if not amp:
+        return contextlib.nullcontext, None
+    dtype = (torch.bfloat16 if device.type != "cuda" or torch.cuda.is_bf16_supported()
+             else torch.float16)
+    return (lambda: torch.autocast(device.type, dtype=dtype)), str(dtype).removeprefix("torch.")
+
+
+def probe(model, x, y, mode, autocast) -> tuple[list[torch.Tensor], float | None]:
+    """(float64 gradients of the cross-entropy to every trainable parameter, the
+    largest round-trip error the adjoint's self-check measured or None), in train
+    mode, from the random state the model had (so that two probes see the same
+    dropout draws). The loss is taken in float32 at least, as under autocast."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    with untouched(model), grad_mode_as(model, mode), torch.enable_grad():
+        model.train()
+        with autocast():
+            logits = model(x)
+        loss = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), y)
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        trips = [s.last_roundtrip_error for s in residual_stacks(model)]
+    trips = [t for t in trips if t is not None]
+    flat = [torch.zeros(p.numel(), dtype=torch.float64, device=p.device) if g is None
+            else g.detach().double().flatten() for p, g in zip(params, grads, strict=True)]
+    return flat, (max(trips) if trips else None)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    diff, ref = (a - b).norm().item(), b.norm().item()
+    if ref == 0.0:
+        return 0.0 if diff == 0.0 else math.inf
+    return diff / ref
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    na, nb = a.norm().item(), b.norm().item()
+    if na == 0.0 or nb == 0.0:
+        return 1.0 if na == nb else 0.0
+    return (a @ b).item() / (na * nb)
+
+
+def compare(model, grads, reference) -> dict:
+    """Relative error and cosine of ``grads`` against ``reference`` (lists aligned
+    with the model's trainable parameters): over all, over the residual functions,
+    and per layer (see :func:`runner.measure.layer_groups`)."""
+    index = {id(p): i for i, p in enumerate(p for p in model.parameters() if p.requires_grad)}
+
+    def cat(gs, ids):
+        return torch.cat([gs[index[i]] for i in ids])
+
+    rows, stack_ids = [], []
+    for layer, ps in layer_groups(model):
+        ids = [id(p) for p in ps]
+        stack_ids += ids
+        a, b = cat(grads, ids), cat(reference, ids)
+        rows.append({"layer": layer, "rel_error": _rel(a, b), "cosine": _cosine(a, b)})
+    a_all, b_all = torch.cat(grads), torch.cat(reference)
+    out = {"rel_error": _rel(a_all, b_all), "cosine": _cosine(a_all, b_all),
+           "stack_rel_error": math.nan, "stack_cosine": math.nan, "layers": rows}
+    if stack_ids:
+        a, b = cat(grads, stack_ids), cat(reference, stack_ids)
+        out.update(stack_rel_error=_rel(a, b), stack_cosine=_cosine(a, b))
+    return out
 
 
 def run(cfg) -> dict:
@@ -83,6 +152,7 @@ def run(cfg) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     arch, checkpoint = architecture(cfg)
     dtype = DTYPES[cfg.dtype]
+    amp = bool(cfg.get("amp", False))
 
     # The same order as `rode train`, so that the same seed gives the same weights.
     seed_everything(cfg.seed)
@@ -92,34 +162,114 @@ def run(cfg) -> dict:
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
     model.to(device=device, dtype=dtype)
-    x, y = next(iter(make_loader(data.train, cfg.batch, shuffle=False, seed=0)))
+    x, y = next(iter(make_loader(data.train, cfg.batch_size, shuffle=False, seed=0)))
     x, y = x.to(device=device, dtype=dtype), y.to(device)
+    autocast, amp_dtype = autocast_of(device, amp)
+    exact = dtype == torch.float64 and not amp
+    # The reference: backprop in float64 on the same (possibly rounded) weights and batch.
+    reference_model = model if exact else copy.deepcopy(model).to(torch.float64)
+    reference, _ = probe(reference_model, x.double(), y, get_grad_mode("backprop"),
+                         contextlib.nullcontext)
+    del reference_model
 
-    adjoint = get_grad_mode("adjoint", **(arch.get("adjoint") or {}))
-    result = gradient_error(model, x, y, adjoint=adjoint)
+    options = dict(arch.get("adjoint") or {})
+    adjoint = get_grad_mode("adjoint", **{**options, "roundtrip": True})   # the self-check: free
+    grads, roundtrip = probe(model, x, y, adjoint, autocast)
+    result = compare(model, grads, reference)
     layers = result["layers"]
+    floor = ({"rel_error": 0.0, "stack_rel_error": 0.0 if layers else math.nan} if exact
+             else compare(model, probe(model, x, y, get_grad_mode("backprop"), autocast)[0],
+                          reference))
+    tolerance = adjoint.max_roundtrip
+    escalated = tolerance is not None and roundtrip is not None and not roundtrip <= tolerance
+    checked = {}
+    if escalated:   # the stacks switched to anchors: what the next training step gets
+        again = compare(model, probe(model, x, y, adjoint, autocast)[0], reference)
+        every = [adjoint.anchors_of(s).step for s in residual_stacks(model) if adjoint.anchors_of(s)]
+        checked = {"escalated_rel_error": again["rel_error"],
+                   "escalated_stack_rel_error": again["stack_rel_error"],
+                   "escalated_anchor_every": min(every) if every else None}
 
-    with open(out_dir / "grad_error.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["layer", "rel_error", "cosine"])
-        writer.writeheader()
-        writer.writerows(layers)
+    write_csv(layers, out_dir / "grad_error.csv", ["layer", "rel_error", "cosine"])
     summary = {
-        "rel_error": result["rel_error"], "cosine": result["cosine"],
+        "status": "completed", "rel_error": result["rel_error"], "cosine": result["cosine"],
         "stack_rel_error": result["stack_rel_error"], "stack_cosine": result["stack_cosine"],
         "max_layer_rel_error": max((r["rel_error"] for r in layers), default=0.0),
         "num_layers": len(layers),
+        "reference": "backprop, float64, same weights and batch",
+        "backprop_rel_error": floor["rel_error"],
+        "backprop_stack_rel_error": floor["stack_rel_error"],
+        "roundtrip_error": roundtrip, "max_roundtrip": tolerance, "escalated": escalated,
+        **checked,
         # Residual functions in all the model's stacks (= depth for mlp and conv).
         "depth": sum(s.depth for s in residual_stacks(model)), "method": arch.method, "init": arch.init,
         "model": arch.model.name, "width": int(arch.width), "dataset": arch.dataset.name,
-        "batch": len(y), "dtype": cfg.dtype, "seed": int(cfg.seed), "device": str(device),
+        "batch": len(y), "dtype": cfg.dtype, "amp": amp, "amp_dtype": amp_dtype,
+        "seed": int(cfg.seed), "device": str(device),
         "checkpoint": None if checkpoint is None else str(ckpt.locate(cfg.checkpoint)),
         "step": None if checkpoint is None else checkpoint.get("step"),
         "seconds": round(time.perf_counter() - start, 3),
-        "config": OmegaConf.to_container(cfg, resolve=True),
+        "config": plain(cfg),
     }
     write_json(summary, out_dir / "summary.json")
-    print(f"rode gradcheck: depth {summary['depth']} {arch.method} init={arch.init}: "
-          f"rel_error {summary['rel_error']:.3e}, cosine {summary['cosine']:.8f} "
+    precision = cfg.dtype + (f", amp {amp_dtype}" if amp else "")
+    extra = "" if exact else f", backprop's own {floor['rel_error']:.3e}"
+    print(f"rode gradcheck: depth {summary['depth']} {arch.method} init={arch.init} ({precision}): "
+          f"rel_error {summary['rel_error']:.3e}{extra}, cosine {summary['cosine']:.8f}, "
+          f"roundtrip {_fmt(roundtrip)}{' (passed max_roundtrip)' if escalated else ''} "
           f"({len(layers)} layers, largest layer rel_error "
           f"{summary['max_layer_rel_error']:.3e}) -> {out_dir}", flush=True)
     return summary
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.3e}"
+
+
+# ------------------------------------------------------------------ report
+def report_section(jobs: list[Job], out: Path, figures: list[str]) -> str:
+    """Gradient error of the adjoint vs depth, log-log, with fitted slopes."""
+    done = [j for j in jobs if j.status == "completed" and (j.path / "grad_error.csv").is_file()]
+    if not done:
+        return ""
+    extra = factors(done)
+    series = defaultdict(list)
+    rows = []
+    for j in done:
+        layers = [num(r.get("rel_error")) for r in read_csv(j.path / "grad_error.csv")]
+        layers = [e for e in layers if not math.isnan(e)]
+        # The residual layers' error (what the paper plots); all parameters as a fallback.
+        total = num(j.summary.get("stack_rel_error", j.summary.get("rel_error")))
+        if math.isnan(total) and layers:
+            total = statistics.median(layers)
+        depth = depth_of(j)
+        if depth is None or math.isnan(total):
+            continue
+        label = series_label(j, ["method"], extra)
+        lo, hi = (min(layers), max(layers)) if layers else (total, total)
+        series[label].append((depth, total, lo, hi))
+        rows.append([label.replace(" | ", ", "), depth, total, lo, hi,
+                     num(j.summary.get("rel_error")), num(j.summary.get("cosine"))])
+    if not series:
+        return ""
+    rows.sort(key=lambda r: (r[0], r[1]))
+    from ..plots import plot_grad_error  # matplotlib: only when a report is drawn
+    plot_grad_error(dict(series), out / "grad_error.png")
+    figures.append("grad_error.png")
+    slopes = [[label.replace(" | ", ", "),
+               f"{fit_slope([p[0] for p in pts], [p[1] for p in pts]):+.2f}", len(pts)]
+              for label, pts in sorted(series.items())]
+    return "\n".join([
+        "## Gradient error vs depth (`rode gradcheck`)", "",
+        "||g_adjoint - g_backprop|| / ||g_backprop||: over the residual layers' parameters "
+        "(stack), the lowest and highest single layer, and over all parameters.", "",
+        table(["series", "depth", "stack", "min layer", "max layer", "all params", "cosine"],
+              rows), "",
+        "Fitted log-log slope of the stack error against depth:", "",
+        table(["series", "slope", "depths"], slopes), "",
+        "![gradient error vs depth](grad_error.png)"])
+
+
+def report_result(job: Job) -> str:
+    s = job.summary
+    return f"grad rel error {s['rel_error']:.3g}" if "rel_error" in s else ""

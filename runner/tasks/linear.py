@@ -23,12 +23,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..config import (MAX_DEPTH, as_list, check_bool, check_choice, check_float, check_int,
-                      check_int_list, show_progress)
-from ..engine import write_json
-from ..errors import ConfigError, RunFailed
-from ..gradmodes import GRAD_MODES
-from ..integrators import INTEGRATORS
+from ..config import as_list, show_progress
+from ..errors import RunFailed
+from ..io import fit_slope, plain, write_csv, write_json
+from ..plots import plot_linear_increments, plot_linear_weights
+from ..reporting import Job, figure_suffixes, fmt, table, table_jobs
 from ..stack import ResidualStack
 
 DTYPE = torch.float64
@@ -114,27 +113,6 @@ def limit_gap(w: np.ndarray, w_ref: np.ndarray) -> float:
 
 
 # -------------------------------------------------------------------- task
-def validate(cfg) -> None:
-    method = check_choice(cfg, "method", INTEGRATORS)
-    check_choice(cfg, "grad", GRAD_MODES)
-    check_choice(cfg, "init", INITS)
-    low = INTEGRATORS[method].min_functions
-    check_int_list(cfg, "depths", low, MAX_DEPTH, f" (method={method})")
-    check_int(cfg, "dim", 1, 64)
-    check_int(cfg, "steps", 1)
-    check_int(cfg, "log_every", 1)
-    check_int(cfg, "seed", 0)
-    check_float(cfg, "lr", positive=True)
-    check_float(cfg, "target_scale", 0.0)
-    check_float(cfg, "init_scale", 0.0)
-    snaps = cfg.snapshots
-    if isinstance(snaps, (str, int)) or any(
-            isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in snaps):
-        raise ConfigError(f"snapshots={snaps!r} must be a list of optimisation steps >= 0, "
-                          f"e.g. snapshots=[0,10,100]")
-    check_bool(cfg, "progress")
-
-
 def run(cfg) -> dict:
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -145,13 +123,19 @@ def run(cfg) -> dict:
     rows, weights = [], {}
     bar = tqdm(total=len(depths) * cfg.steps, desc="linear", disable=not show_progress(cfg),
                dynamic_ncols=True)
-    for depth in depths:
-        # init=iid: a fresh draw per depth (a shared prefix would make the depths alike).
-        r, steps, w = train_depth(cfg, depth, target, snapshot_steps,
-                                  1_000_003 * (cfg.seed + 1) + depth, bar)
-        rows += r
-        weights[depth] = (steps, w)
-    bar.close()
+    try:
+        for depth in depths:
+            # init=iid: a fresh draw per depth (a shared prefix would make the depths alike).
+            r, steps, w = train_depth(cfg, depth, target, snapshot_steps,
+                                      1_000_003 * (cfg.seed + 1) + depth, bar)
+            rows += r
+            weights[depth] = (steps, w)
+    except RunFailed as e:
+        write_json({"status": "failed", "error": str(e),
+                    "config": plain(cfg, exclude=["out_dir"])}, out_dir / "summary.json")
+        raise
+    finally:
+        bar.close()
 
     deepest = depths[-1]
     per_depth = []
@@ -166,7 +150,6 @@ def run(cfg) -> dict:
             "limit_gap": limit_gap(weights[depth][1][-1], weights[deeper][1][-1])
             if deeper != depth else None,
         })
-    from .discretization import fit_slope, write_csv
     shallower = per_depth[:-1]
     summary = {
         "status": "completed", "depths": depths, "target": target.tolist(),
@@ -175,17 +158,16 @@ def run(cfg) -> dict:
                                          [p["max_increment"] for p in per_depth]),
         "slope_limit_gap": fit_slope([p["depth"] for p in shallower],
                                      [p["limit_gap"] for p in shallower]),
-        "config": _plain(cfg),
+        "config": plain(cfg, exclude=["out_dir"]),
     }
-    summary["config"].pop("out_dir", None)
 
-    write_csv(out_dir / "linear_metrics.csv", rows,
-              ["depth", "step", "loss", "max_increment", "scaled_increment", "max_weight"])
+    write_csv(rows, out_dir / "linear_metrics.csv",
+              ["depth", "step", "loss", "max_increment", "scaled_increment", "max_weight"],
+              float_format=".6g")
     np.savez_compressed(out_dir / "linear_weights.npz", target=target.numpy(), **{
         f"{key}_{depth}": value for depth, (steps, w) in weights.items()
         for key, value in (("steps", np.array(steps)), ("weights", w))})
     write_json(summary, out_dir / "summary.json")
-    from ..plots import plot_linear_increments, plot_linear_weights
     plot_linear_increments(rows, out_dir / "linear_increments.png")
     steps, w = weights[deepest]
     plot_linear_weights({"depth": deepest, "steps": steps, "weights": w},
@@ -203,6 +185,45 @@ def run(cfg) -> dict:
     return summary
 
 
-def _plain(cfg) -> dict:
-    from omegaconf import OmegaConf
-    return OmegaConf.to_container(cfg, resolve=True)
+
+# ------------------------------------------------------------------ report
+def report_section(jobs: list[Job], out: Path, figures: list[str]) -> str:
+    found = table_jobs(jobs, "linear_metrics.csv")
+    if not found:
+        return ""
+    text = ["## Linear ResNets: weights along depth during training (`rode linear`)", ""]
+    for (job, rows), suffix in zip(found, figure_suffixes([j for j, _ in found]), strict=True):
+        inc_name, w_name = f"linear_increments{suffix}.png", f"linear_weights{suffix}.png"
+        plot_linear_increments(rows, out / inc_name)
+        figures.append(inc_name)
+        body = []
+        for p in job.summary.get("per_depth", []):
+            body.append([p["depth"], p["initial_loss"], p["final_loss"], p["max_increment"],
+                         p["max_scaled_increment"], p.get("limit_gap")])
+        cfg = job.config
+        text += [f"Job `{job.name}` (init={cfg.get('init')}, {cfg.get('steps')} steps, "
+                 f"lr={cfg.get('lr')}):", "",
+                 table(["N", "loss start", "loss end", "max over n, t of ‖A_{n+1} − A_n‖",
+                        "N × that", "gap to next N"], body), "",
+                 f"Slopes vs N: max increment {fmt(job.summary.get('slope_max_increment'), 3)}, "
+                 f"gap to the next depth {fmt(job.summary.get('slope_limit_gap'), 3)} "
+                 f"(smooth in depth: -1 and -1).", "",
+                 f"![increments along training]({inc_name})"]
+        npz = job.path / "linear_weights.npz"
+        if npz.is_file():
+            data = np.load(npz)
+            depths = sorted(int(key.split("_")[1]) for key in data.files
+                            if key.startswith("weights_"))
+            if depths:
+                n = depths[-1]
+                plot_linear_weights({"depth": n, "steps": list(data[f"steps_{n}"]),
+                                     "weights": data[f"weights_{n}"]}, out / w_name)
+                figures.append(w_name)
+                text += ["", f"![weights against depth]({w_name})"]
+        text.append("")
+    return "\n".join(text)
+
+
+def report_result(job: Job) -> str:
+    per_depth = job.summary.get("per_depth")
+    return f"{len(per_depth)} depths" if per_depth is not None else ""

@@ -15,7 +15,6 @@ seconds_per_step) and ``summary.json``, and prints the table.
 """
 from __future__ import annotations
 
-import csv
 import gc
 import statistics
 import time
@@ -26,50 +25,34 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf, open_dict
 from tqdm import tqdm
 
-from ..config import (MAX_DEPTH, as_list, check_bool, check_choice, check_choice_list,
-                      check_device, check_image_data, check_int, check_int_list,
-                      show_progress)
-from ..data import DATASETS, build_dataset
-from ..engine import resolve_device, seed_everything, write_json
-from ..gradmodes import GRAD_MODES
-from ..integrators import INTEGRATORS
+from ..config import as_list, show_progress
+from ..data import build_dataset
+from ..engine import resolve_device, seed_everything
+from ..io import format_size, plain, write_csv, write_json
 from ..measure import peak_memory_of, saved_activation_bytes
-from ..models import INITS, MODELS, build_model
-from .report import size
+from ..models import build_model
+from ..preflight import check_device
+from ..reporting import Job, num, table, table_jobs
 
 COLUMNS = ["depth", "grad", "method", "saved_bytes", "peak_bytes", "seconds_per_step"]
 
 
 def validate(cfg) -> None:
-    check_choice(cfg, "dataset.name", DATASETS)
-    check_choice(cfg, "model.name", MODELS)
-    method = check_choice(cfg, "method", INTEGRATORS)
-    check_choice(cfg, "init", INITS)
-    low = INTEGRATORS[method].min_functions
-    check_int_list(cfg, "depths", low, MAX_DEPTH, f" (method={method})")
-    check_choice_list(cfg, "grads", GRAD_MODES)
-    check_int(cfg, "width", 1, 65_536)
-    check_int(cfg, "batch", 1)
-    check_int(cfg, "steps", 1)
-    check_int(cfg, "seed", 0)
-    if cfg.threads is not None:
-        check_int(cfg, "threads", 1, 1024)
-    check_bool(cfg, "progress")
+    """The device (the schema and rules checked the rest)."""
     check_device(cfg)
-    check_image_data(cfg)
 
 
 def measure_step(cfg, depth: int, grad: str, input_shape, num_classes, device) -> dict:
     """One configuration: saved bytes, peak memory and time of a training step."""
-    arch = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    arch = OmegaConf.create(plain(cfg))
     with open_dict(arch):
         arch.depth, arch.grad = depth, grad
     seed_everything(cfg.seed)
     model = build_model(arch, input_shape, num_classes).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(cfg.seed)
-    x = torch.randn(cfg.batch, *input_shape, generator=g).to(device)
-    y = torch.randint(0, num_classes, (cfg.batch,), generator=g).to(device)
+    x = torch.randn(cfg.batch_size, *input_shape, generator=g).to(device)
+    y = torch.randint(0, num_classes, (cfg.batch_size,), generator=g).to(device)
     model.train()
 
     def step():
@@ -119,24 +102,43 @@ def run(cfg) -> dict:
         bar.close()
         torch.set_num_threads(threads)
 
-    with open(out_dir / "memory.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, out_dir / "memory.csv", COLUMNS)
     kinds = sorted({r["peak_kind"] for r in rows})
-    summary = {"peak_kind": kinds[0] if len(kinds) == 1 else kinds, "device": str(device),
-               "method": cfg.method, "init": cfg.init, "model": cfg.model.name,
-               "width": int(cfg.width), "batch": int(cfg.batch), "dataset": cfg.dataset.name,
+    summary = {"status": "completed", "peak_kind": kinds[0] if len(kinds) == 1 else kinds,
+               "device": str(device), "method": cfg.method, "init": cfg.init, "model": cfg.model.name,
+               "width": int(cfg.width), "batch": int(cfg.batch_size), "dataset": cfg.dataset.name,
                "threads": int(cfg.threads or threads),
                "rows": rows, "seconds": round(time.perf_counter() - start, 3),
-               "config": OmegaConf.to_container(cfg, resolve=True)}
+               "config": plain(cfg)}
     write_json(summary, out_dir / "summary.json")
 
     print(f"rode memory: one training step, {cfg.model.name} width {cfg.width}, batch "
-          f"{cfg.batch}, {cfg.method}, init={cfg.init}, {device} (peak: {summary['peak_kind']})")
+          f"{cfg.batch_size}, {cfg.method}, init={cfg.init}, {device} (peak: {summary['peak_kind']})")
     print(f"{'depth':>6}  {'grad':<8}  {'saved':>10}  {'peak':>10}  {'s/step':>8}")
     for r in rows:
-        print(f"{r['depth']:>6}  {r['grad']:<8}  {size(r['saved_bytes']):>10}  "
-              f"{size(r['peak_bytes']):>10}  {r['seconds_per_step']:>8.4f}")
+        print(f"{r['depth']:>6}  {r['grad']:<8}  {format_size(r['saved_bytes']):>10}  "
+              f"{format_size(r['peak_bytes']):>10}  {r['seconds_per_step']:>8.4f}")
     print(f"-> {out_dir}", flush=True)
     return summary
+
+
+# ------------------------------------------------------------------ report
+def report_section(jobs: list[Job], out: Path, figures: list[str]) -> str:
+    found = table_jobs(jobs, "memory.csv")
+    rows = [r for _, rs in found for r in rs]
+    if not rows:
+        return ""
+    from ..plots import plot_memory  # matplotlib: only when a report is drawn
+    plot_memory(rows, out / "memory.png")
+    figures.append("memory.png")
+    kinds = {str(j.summary.get("peak_kind")) for j, _ in found if j.summary.get("peak_kind")}
+    body = [[r.get("method"), r.get("grad"), int(num(r["depth"])),
+             format_size(r.get("saved_bytes")), format_size(r.get("peak_bytes")),
+             num(r.get("seconds_per_step"))]
+            for r in sorted(rows, key=lambda r: (r.get("method", ""), r.get("grad", ""),
+                                                 num(r["depth"])))]
+    return "\n".join([
+        "## Memory vs depth (`rode memory`)", "",
+        table(["method", "grad", "depth", "saved for backward", "peak", "s/step"], body), "",
+        f"Peak memory: {', '.join(sorted(kinds)) or 'kind not recorded'}.", "",
+        "![memory vs depth](memory.png)"])

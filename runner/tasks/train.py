@@ -2,56 +2,40 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
+import statistics
+from collections import defaultdict
 from pathlib import Path
 
+import torch
 from omegaconf import OmegaConf
 
-from .. import checkpoint, distributed
-from ..config import check_image_data, check_model_config, check_training_config
-from ..data import DATASETS
-from ..models import MODELS
-from ..config import check_bool, check_choice
-from ..engine import resolve_device, train
+from .. import checkpoint, config
+from ..engine import train
 from ..errors import ConfigError
-from ..hooks import build_hooks
+from ..io import format_size, plain, read_json
+from ..preflight import check_amp
+from ..reporting import Job, depth_of, factors, num, series_label, table
 from ..resnet import check_resnet_config
+from ..rundir import RESUME_KEYS, locate
 from ..vision import check_dataset
 
 log = logging.getLogger("rode")
 
 
-# What `rode train resume=<dir>` may change: the rest is the checkpoint's config.
-RESUME_KEYS = ("device", "progress", "threads")
-
-
 def validate(cfg) -> None:
+    """What the schema and rules cannot see: the device, resnet weights, dataset files;
+    for resume=, the checkpoint and the run's own config."""
+    if cfg.get("resume") == AUTO:
+        cfg = auto_resume(cfg)
     if cfg.get("resume"):
         validate_resume(cfg)
         return
-    check_choice(cfg, "dataset.name", DATASETS)
-    check_choice(cfg, "model.name", MODELS)
-    check_model_config(cfg)
-    check_training_config(cfg)
     check_amp(cfg)
-    check_image_data(cfg)
     if cfg.model.name == "resnet":
         check_resnet_config(cfg)
     check_dataset(cfg.dataset)
-    build_hooks(cfg.get("hooks"))          # unknown hook or bad option: ConfigError
-    world = distributed.env_world_size()
-    if cfg.batch_size % world:
-        raise ConfigError(f"batch_size={cfg.batch_size} must be a multiple of the {world} "
-                          f"processes (each takes batch_size/{world} examples)")
-    build_hooks(cfg.get("hooks"))   # hook constructors validate their options
-
-
-def check_amp(cfg) -> None:
-    if not check_bool(cfg, "amp"):
-        return
-    if resolve_device(cfg.device).type != "cuda":
-        raise ConfigError(f"amp=true needs a CUDA device (device={cfg.device} gives "
-                          f"{resolve_device(cfg.device)}); set amp=false")
 
 
 def validate_resume(cfg) -> None:
@@ -61,11 +45,73 @@ def validate_resume(cfg) -> None:
                           f"resume from (written by another task, or by an older rode)")
     job = resume_config(cfg, ckpt)
     job.resume = None
-    validate(job)                          # the run's own config, on this machine
+    config.validate("train", job)          # the run's own config, on this machine
+    validate(job)
     checkpoint.check_rebuilds(ckpt, job, f"resume={cfg.resume}")
-    if ckpt["progress"]["epoch"] > job.epochs:
+    if finished(ckpt, job) and not cfg.get("auto"):
         raise ConfigError(f"resume={cfg.resume}: the run already finished its {job.epochs} "
                           f"epochs; nothing to resume")
+
+
+def finished(ckpt: dict, job) -> bool:
+    """Whether the checkpoint's run is over: every epoch done and its summary written
+    (a run stopped between its last checkpoint and its summary is not)."""
+    if ckpt["progress"]["epoch"] <= job.epochs:
+        return False
+    try:
+        return read_json(Path(job.out_dir) / "summary.json").get("status") == "completed"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+# ------------------------------------------------------------------ resume=auto
+AUTO = "auto"
+# Keys that may differ between a command line and the checkpoint resume=auto continues.
+_AUTO_FREE = ("resume", "out_dir", "checkpoint", *RESUME_KEYS)
+
+
+def auto_resume(cfg):
+    """resume=auto: a copy of ``cfg`` with resume=<its checkpoint> when the run's dir
+    holds a checkpoint of the same config, resume=None when it holds none (a fresh
+    run); ConfigError naming the keys that differ when it holds another config's."""
+    job = OmegaConf.create(plain(cfg, exclude=("out_dir",)))
+    try:
+        out_dir = Path(str(cfg.out_dir))
+    except Exception:      # Hydra's dir, known only once the job runs: checked then
+        out_dir = None
+    job.out_dir = None if out_dir is None else str(out_dir)
+    path = None if out_dir is None else out_dir / checkpoint.FILENAME
+    if path is None or not path.is_file():
+        job.resume = None
+        return job
+    ckpt = checkpoint.load(path, "resume")
+    differ = config_differences(ckpt.get("config", {}), plain(job))
+    if differ:
+        shown = "; ".join(f"{k}: {a!r} here, {b!r} in the checkpoint" for k, a, b in differ[:4])
+        more = f" (and {len(differ) - 4} more)" if len(differ) > 4 else ""
+        raise ConfigError(f"resume=auto: {out_dir} holds a checkpoint of another config "
+                          f"({shown}{more}); choose another dir, or continue that run with "
+                          f"resume={out_dir}")
+    job.resume = str(path)
+    job.auto = True
+    return job
+
+
+def config_differences(saved: dict, mine: dict) -> list[tuple[str, object, object]]:
+    """(dotted key, this value, the checkpoint's) for every key that differs, but those
+    that may change between a run and its continuation."""
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in (d or {}).items():
+            if not prefix and k in _AUTO_FREE:
+                continue
+            if isinstance(v, dict) and v:
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = v
+        return out
+    a, b = flat(mine), flat(saved)
+    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
 def resume_config(cfg, ckpt: dict):
@@ -73,56 +119,27 @@ def resume_config(cfg, ckpt: dict):
     writing into the checkpoint's run dir."""
     job = OmegaConf.create(ckpt["config"])
     for key in RESUME_KEYS:
-        job[key] = cfg[key]
-    path = checkpoint.locate(cfg.resume, "resume")
+        if key in cfg:
+            job[key] = cfg[key]
+    path = locate(cfg.resume, "resume")
     job.resume = str(path)
     job.out_dir = str(path.parent)
     return job
 
 
-def prepare_overrides(overrides: list[str], multirun: bool) -> list[str]:
-    """Command-line conveniences, before Hydra sees the overrides (called by the CLI).
-
-    ``resume=<run dir>``: quoted when the dir holds '=' or ',' (a sweep's job dir);
-    only RESUME_KEYS may be set beside it; the run's own dir is Hydra's output dir
-    and no new .hydra/ is written there, so its original config stays. Without
-    resume, a hydra.run.dir that already holds a checkpoint is refused: a new run
-    would overwrite it."""
-    values = {o.split("=", 1)[0]: o.split("=", 1)[1] for o in overrides if "=" in o}
-    resume = values.get("resume")
-    if resume and os.path.exists(_unquote(resume)) and _unquote(resume) == resume:
-        overrides = [f"resume='{resume}'" if o == f"resume={resume}" else o for o in overrides]
-    if not resume or resume == "null":
-        run_dir = values.get("hydra.run.dir")
-        if run_dir and not multirun and (Path(_unquote(run_dir)) / checkpoint.FILENAME).is_file():
-            raise ConfigError(f"hydra.run.dir={run_dir} already holds a run ({checkpoint.FILENAME});"
-                              f" continue it with resume={run_dir}, or choose another dir")
-        return overrides
-    other = [k for k in values if k != "resume" and k not in RESUME_KEYS
-             and not k.lstrip("+~").startswith("hydra")]
-    if other:
-        raise ConfigError(f"resume= continues a run with its own config; only "
-                          f"{', '.join(RESUME_KEYS)} can be set with it (got {other[0]}=...)")
-    if multirun or "hydra.run.dir" in values:
-        return overrides
-    run_dir = checkpoint.locate(_unquote(resume), "resume").parent
-    return [*overrides, f"hydra.run.dir='{run_dir}'", "hydra.output_subdir=null"]
-
-
-def _unquote(value: str) -> str:
-    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-        return value[1:-1]
-    return value
-
-
 def run(cfg) -> dict:
     if cfg.get("threads") is not None:
-        import torch
-
         torch.set_num_threads(int(cfg.threads))   # the process is this run's alone
+    if cfg.get("resume") == AUTO:
+        cfg = auto_resume(cfg)
     if cfg.get("resume"):
         ckpt = checkpoint.load(cfg.resume, "resume")
         job = resume_config(cfg, ckpt)
+        if finished(ckpt, job):   # resume=auto, re-run after the run had ended
+            log.info("%s already finished; nothing to resume", job.out_dir)
+            summary = read_json(Path(job.out_dir) / "summary.json")
+            print(f"rode train: already finished -> {job.out_dir}", flush=True)
+            return summary
         log.info("resuming %s from epoch %d, step %d", job.out_dir,
                  ckpt["progress"]["epoch"], ckpt["progress"]["step"])
         summary = train(job, resume=ckpt)
@@ -135,3 +152,46 @@ def run(cfg) -> dict:
           f"(best {100 * summary['best_test_acc']:.2f}%) after {summary['epochs']} epochs, "
           f"{summary['seconds']:.1f} s -> {cfg.out_dir}", flush=True)
     return summary
+
+
+# ------------------------------------------------------------------ report
+def report_section(jobs: list[Job], out: Path, figures: list[str]) -> str:
+    """Test error vs depth per (method, grad, other axes), with the spread over seeds."""
+    done = [j for j in jobs if j.status == "completed" and depth_of(j) is not None
+            and "test_acc" in j.summary and "acc_before" not in j.summary]
+    if not done:
+        return ""
+    extra = factors(done)
+    groups = defaultdict(list)
+    for j in done:
+        groups[(series_label(j, ["method", "grad"], extra), depth_of(j))].append(j)
+    series = defaultdict(list)
+    rows = []
+    for (label, depth), js in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        errors = [1 - j.summary["test_acc"] for j in js]
+        best = [1 - j.summary.get("best_test_acc", j.summary["test_acc"]) for j in js]
+        med = statistics.median(errors)
+        series[label].append((depth, med, min(errors), max(errors), len(errors)))
+        rows.append([label.replace(" | ", ", "), depth, len(js), f"{100 * med:.2f}",
+                     f"{100 * min(errors):.2f}–{100 * max(errors):.2f}",
+                     f"{100 * statistics.median(best):.2f}",
+                     statistics.median(j.summary.get("seconds", math.nan) for j in js),
+                     format_size(statistics.median(num(j.summary.get("peak_memory_bytes"))
+                                                   for j in js))])
+    from ..plots import plot_test_error  # matplotlib: only when a report is drawn
+    plot_test_error(dict(series), out / "test_error.png")
+    figures.append("test_error.png")
+    kind = {j.summary.get("peak_memory_kind") for j in done} - {None}
+    return "\n".join([
+        "## Test error vs depth (`rode train`)", "",
+        "Final test error in %, median over seeds, with the lowest and highest seed; "
+        "best: the best epoch's error (median).", "",
+        table(["series", "depth", "seeds", "error %", "min–max %", "best %", "seconds",
+               "peak"], rows), "",
+        f"Peak memory: {', '.join(sorted(kind)) or 'not recorded'}.", "",
+        "![test error vs depth](test_error.png)"])
+
+
+def report_result(job: Job) -> str:
+    s = job.summary
+    return f"test acc {100 * s['test_acc']:.2f}%" if "test_acc" in s else ""

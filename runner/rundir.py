@@ -1,0 +1,93 @@
+"""Run dirs: where a run's results live, and the rule that no run overwrites another's.
+
+Torch-free, so the command line can refuse a bad dir before torch loads.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import ConfigError
+
+CHECKPOINT = "checkpoint.pt"
+# Files whose presence means a dir holds a run's results.
+RESULTS = ("summary.json", CHECKPOINT, "metrics.jsonl")
+# What `rode train resume=<dir>` may change: the rest is the checkpoint's config.
+RESUME_KEYS = ("device", "progress", "threads", "checkpoint")
+
+
+def locate(value, key: str = "checkpoint") -> Path:
+    """A run dir (holding checkpoint.pt) or a checkpoint file -> the file; ConfigError if absent."""
+    if value is None or not str(value).strip():
+        raise ConfigError(f"{key} is empty; give a run dir holding {CHECKPOINT}, or the checkpoint file")
+    path = Path(str(value)).expanduser()
+    if path.is_dir():
+        path = path / CHECKPOINT
+    if not path.is_file():
+        where = f"{value}/{CHECKPOINT}" if Path(str(value)).expanduser().is_dir() else str(value)
+        raise ConfigError(f"{key}={value}: {where} does not exist (give a run dir holding "
+                          f"{CHECKPOINT}, or the checkpoint file)")
+    return path
+
+
+def results_in(path: Path, depth: int = 0) -> Path | None:
+    """The first result file in ``path`` (and, with ``depth``, in its subdirs), or None."""
+    path = Path(path)
+    if not path.is_dir():
+        return None
+    for name in RESULTS:
+        if (path / name).is_file():
+            return path / name
+    if depth > 0:
+        for child in sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            found = results_in(child, depth - 1)
+            if found is not None:
+                return found
+    return None
+
+
+def check_fresh(path, key: str, sweep: bool, auto: bool = False) -> None:
+    """ConfigError if ``path`` already holds a run's results (a sweep dir: in any job dir).
+    ``auto`` (resume=auto): a dir whose results include a checkpoint passes; that its
+    config is the command's is checked when the checkpoint is read."""
+    found = results_in(Path(str(path)).expanduser(), depth=3 if sweep else 0)
+    if found is None:
+        return
+    if auto and (sweep or (found.parent / CHECKPOINT).is_file()):
+        return
+    what = "the jobs of an earlier sweep" if sweep else "a run"
+    hint = ("continue each job with rode train resume=<job dir>, or choose another dir" if sweep
+            else f"continue it with resume={path} (rode train), or choose another dir")
+    raise ConfigError(f"{key}={path} already holds {what} ({found.name} in {found.parent}); "
+                      f"{hint}")
+
+
+def unquote(value: str) -> str:
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        return value[1:-1]
+    return value
+
+
+def prepare_resume(overrides: list[str], multirun: bool) -> list[str]:
+    """``resume=<run dir>`` on the command line, before Hydra sees it.
+
+    The dir is quoted when it holds '=' or ',' (a sweep's job dir); only RESUME_KEYS
+    may be set beside it; the run's own dir becomes Hydra's output dir and no new
+    .hydra/ is written there, so its original config stays."""
+    values = {o.split("=", 1)[0]: o.split("=", 1)[1] for o in overrides if "=" in o}
+    resume = values.get("resume")
+    if resume is None or resume == "null" or unquote(resume) == "auto":
+        return overrides   # auto: the whole command line, re-run (checked against the run's)
+    if not unquote(resume).strip():
+        raise ConfigError("resume is empty; give the run dir (or checkpoint.pt) to continue, "
+                          "or leave resume out to start a new run")
+    if Path(unquote(resume)).exists() and unquote(resume) == resume:
+        overrides = [f"resume='{resume}'" if o == f"resume={resume}" else o for o in overrides]
+    other = [k for k in values if k != "resume" and k.split(".")[0] not in RESUME_KEYS
+             and not k.lstrip("+~").startswith("hydra")]
+    if other:
+        raise ConfigError(f"resume= continues a run with its own config; only "
+                          f"{', '.join(RESUME_KEYS)} can be set with it (got {other[0]}=...)")
+    if multirun or "hydra.run.dir" in values:
+        return overrides
+    run_dir = locate(unquote(resume), "resume").parent
+    return [*overrides, f"hydra.run.dir='{run_dir}'", "hydra.output_subdir=null"]
