@@ -26,8 +26,9 @@ from omegaconf import OmegaConf
 from .errors import ConfigError, RodeError, RunFailed
 from .io import atomic_open
 from .models import build_model
+from .rundir import CHECKPOINT, locate
 
-FILENAME = "checkpoint.pt"
+FILENAME = CHECKPOINT
 CHECKSUM = "sha256"
 FORMAT = "rode-checkpoint"
 VERSION = 1
@@ -89,18 +90,6 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def locate(value, key: str = "checkpoint") -> Path:
-    """A run dir (holding checkpoint.pt) or a checkpoint file -> the file; ConfigError if absent."""
-    path = Path(str(value)).expanduser()
-    if path.is_dir():
-        path = path / FILENAME
-    if not path.is_file():
-        where = f"{value}/{FILENAME}" if Path(str(value)).expanduser().is_dir() else str(value)
-        raise ConfigError(f"{key}={value}: {where} does not exist (give a run dir holding "
-                          f"{FILENAME}, or the checkpoint file)")
-    return path
 
 
 def load(value, key: str = "checkpoint") -> dict:

@@ -8,6 +8,7 @@ dataset's files) are each task module's ``validate(cfg)``, which runs after thes
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 import tempfile
@@ -88,7 +89,25 @@ def _stack_model(cfg) -> None:
     check_dataset(cfg)
 
 
+# logger -> the module its package provides (checked without importing it)
+LOGGER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+
+
+def check_tracking(cfg) -> None:
+    """A logger needs its package; a validation monitor needs a validation split."""
+    missing = [n for n in (cfg.get("logger") or {}) if n in LOGGER_MODULES
+               and importlib.util.find_spec(LOGGER_MODULES[n]) is None]
+    if missing:
+        raise ConfigError(f"logger={','.join(missing)} needs its package: "
+                          f"pip install 'rode[tracking]'")
+    fraction = (cfg.get("dataset") or {}).get("val_fraction", 0)
+    if str(cfg.get("monitor", "")).startswith("val_") and fraction is not None and not fraction:
+        raise ConfigError(f"monitor={cfg.monitor} needs a validation split: set "
+                          f"dataset.val_fraction > 0 (or monitor=train_loss)")
+
+
 def _train(cfg) -> None:
+    check_tracking(cfg)
     if cfg.get("resume") and cfg.resume != "auto":
         return   # the checkpoint's own config is validated when it is read
     _stack_model(cfg)
@@ -124,7 +143,7 @@ def _gradcheck(cfg) -> None:
         _stack_model(cfg)
 
 
-RULES = {"train": _train, "memory": _memory, "bench": _bench, "linear": _linear,
+RULES = {"train": _train, "finetune": check_tracking, "memory": _memory, "bench": _bench, "linear": _linear,
          "discretization": _discretization, "gradcheck": _gradcheck}
 
 

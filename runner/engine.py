@@ -25,6 +25,7 @@ from .hooks import build_hooks
 from .hooks.base import Hook
 from .io import append_jsonl, plain, write_json, write_text
 from .models import build_model
+from .preflight import resolve_device
 from .stack import roundtrip_error
 
 log = logging.getLogger("rode")
@@ -34,12 +35,6 @@ log = logging.getLogger("rode")
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
 
 
 def peak_memory(device: torch.device) -> tuple[int, str]:

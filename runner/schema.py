@@ -428,6 +428,10 @@ TASK_SCHEMAS: dict[str, Group] = {
         **STACK, **TRAINING,
         "eval_batch_size": Int(1, 10_000_000), "threads": THREADS,
         "resume": Text(null=True, why=" (a run dir or checkpoint.pt to continue, or auto)"),
+        "checkpoint": Group(fields={"every_steps": Int(1, null=True, why=" (null: per epoch only)"),
+                                    "every_minutes": Float(0, open_low=True, null=True,
+                                                           why=" (null: per epoch only)")},
+                            required=False),
         **TRACKING,
     }),
     "finetune": Group(fields={

@@ -16,6 +16,7 @@ import atexit
 import importlib.util
 import math
 import numbers
+import os
 from pathlib import Path
 
 # logger name -> the import that must be available
@@ -132,6 +133,8 @@ class MLflow:
         from mlflow.tracking import MlflowClient
 
         uri = opts.get("tracking_uri") or f"file:{default_store(out_dir)}"
+        if uri.startswith("file:"):   # MLflow 3 asks for this to keep using a file store
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         self.client = MlflowClient(tracking_uri=uri)
         self.uri = uri
         name = opts.get("experiment_name") or "rode"

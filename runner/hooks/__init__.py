@@ -7,7 +7,7 @@ Register it in ``HOOKS`` to make it available from the config
 """
 from __future__ import annotations
 
-from ..errors import ConfigError
+from ..schema import HOOK_SCHEMA
 from .base import Hook
 from .grad_error import GradErrorHook
 from .memory import MemoryHook
@@ -21,16 +21,12 @@ HOOKS: dict[str, type[Hook]] = {
 
 
 def build_hooks(cfg) -> list[Hook]:
-    """cfg: the ``hooks`` node, ``{name: {every: K, ...}}``; hooks with every<=0 are skipped."""
+    """cfg: the ``hooks`` node, ``{name: {every: K, ...}}``, checked against the config
+    schema (ConfigError on a bad option); hooks with every=0 are off and not built."""
+    HOOK_SCHEMA.check("hooks", cfg)
     hooks = []
     for name, options in (cfg or {}).items():
-        if name not in HOOKS:
-            raise ConfigError(f"hooks.{name} is not a hook; choose from {', '.join(HOOKS)}")
         options = dict(options or {})
-        every = options.get("every", 0)
-        if isinstance(every, bool) or not isinstance(every, int):
-            raise ConfigError(f"hooks.{name}.every={every!r} must be an integer (0 = off)")
-        if every <= 0:
-            continue
-        hooks.append(HOOKS[name](**options))
+        if options.get("every", 0) > 0:
+            hooks.append(HOOKS[name](**options))
     return hooks

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..gradmodes import get_grad_mode
 from ..measure import gradient_error
-from .periodic import PeriodicHook, check_option
+from .periodic import PeriodicHook
 
 
 class GradErrorHook(PeriodicHook):
@@ -21,7 +21,7 @@ class GradErrorHook(PeriodicHook):
 
     def __init__(self, every: int = 0, batch: int = 128, **options):
         super().__init__(every, **options)
-        self.batch = check_option(self.name, "batch", batch)
+        self.batch = int(batch)
 
     def measure(self, run) -> dict:
         x, y = self.probe_batch(run, self.batch)

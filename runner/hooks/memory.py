@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 
 from ..measure import peak_memory_of, saved_activation_bytes, untouched
-from .periodic import PeriodicHook, check_option
+from .periodic import PeriodicHook
 
 
 class MemoryHook(PeriodicHook):
@@ -21,7 +21,7 @@ class MemoryHook(PeriodicHook):
 
     def __init__(self, every: int = 0, batch: int | None = None, **options):
         super().__init__(every, **options)
-        self.batch = check_option(self.name, "batch", batch, allow_none=True)
+        self.batch = None if batch is None else int(batch)
         self._warm = False
 
     def measure(self, run) -> dict:

@@ -1,18 +1,8 @@
 """A hook that measures at the start of training, every ``every`` steps, and at the end."""
 from __future__ import annotations
 
-from ..errors import ConfigError
 from ..measure import preserved_rng
 from .base import Hook
-
-
-def check_option(hook: str, key: str, value, low: int = 1, allow_none: bool = False):
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f"hooks.{hook}.{key}={value!r} must be an integer >= {low}"
-                          + (" or null" if allow_none else ""))
-    return value
 
 
 class PeriodicHook(Hook):
@@ -22,7 +12,6 @@ class PeriodicHook(Hook):
     and after the last step if it was not a multiple of ``every``."""
 
     def __init__(self, every: int = 0, **options):
-        check_option(self.name, "every", every, low=0)
         super().__init__(every, **options)
         self._probe = None
 

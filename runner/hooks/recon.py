@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..measure import reconstruction_error
-from .periodic import PeriodicHook, check_option
+from .periodic import PeriodicHook
 
 
 class ReconHook(PeriodicHook):
@@ -14,7 +14,7 @@ class ReconHook(PeriodicHook):
 
     def __init__(self, every: int = 0, batch: int = 128, **options):
         super().__init__(every, **options)
-        self.batch = check_option(self.name, "batch", batch)
+        self.batch = int(batch)
 
     def measure(self, run) -> dict:
         x, _ = self.probe_batch(run, self.batch)

@@ -24,13 +24,13 @@ from torch import nn
 from .. import checkpoint
 from ..config import check_depths
 from ..data import build_dataset, make_loader
-from ..engine import evaluate, resolve_device, seed_everything, train
+from ..engine import evaluate, seed_everything, train
 from ..errors import ConfigError
 from ..gradmodes import Backprop
 from ..io import append_jsonl, format_size, write_json
 from ..measure import grad_mode_as, saved_activation_bytes, untouched
 from ..models import build_model, grad_mode_from_config
-from ..preflight import check_amp
+from ..preflight import check_amp, resolve_device
 from ..reporting import Job, fmt, table
 from ..schema import METHODS
 from ..stack import ResidualStack

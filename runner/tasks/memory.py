@@ -27,11 +27,11 @@ from tqdm import tqdm
 
 from ..config import as_list, show_progress
 from ..data import build_dataset
-from ..engine import resolve_device, seed_everything
+from ..engine import seed_everything
 from ..io import format_size, plain, write_csv, write_json
 from ..measure import peak_memory_of, saved_activation_bytes
 from ..models import build_model
-from ..preflight import check_device
+from ..preflight import check_device, resolve_device
 from ..reporting import Job, num, table, table_jobs
 
 COLUMNS = ["depth", "grad", "method", "saved_bytes", "peak_bytes", "seconds_per_step"]
