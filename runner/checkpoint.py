@@ -44,25 +44,24 @@ def save(state: dict, path: Path) -> None:
 
 
 def checksum(state) -> str:
-    """sha256 over every tensor's bytes (and every other value's repr) of ``state``,
-    in a fixed order: a flipped bit anywhere in the weights changes it."""
+    """sha256 over every tensor of ``state`` (its place, dtype, shape and bytes), in a
+    fixed order: a flipped bit anywhere in the weights, optimizer or RNG states
+    changes it. Other values (the config, counters) are left out: pickled, they do
+    not load when damaged, and a config may be edited by hand."""
     digest = hashlib.sha256()
 
-    def feed(key, value) -> None:
-        digest.update(repr(key).encode())
+    def feed(where: str, value) -> None:
         if isinstance(value, torch.Tensor):
             t = value.detach().cpu().contiguous().reshape(-1)
-            digest.update(f"{t.dtype}{tuple(value.shape)}".encode())
+            digest.update(f"{where} {t.dtype} {tuple(value.shape)}".encode())
             digest.update(t.view(torch.uint8).numpy().tobytes())
         elif isinstance(value, dict):
             for k in sorted(value, key=repr):
                 if k != CHECKSUM:
-                    feed(k, value[k])
+                    feed(f"{where}/{k!r}", value[k])
         elif isinstance(value, (list, tuple)):
             for i, v in enumerate(value):
-                feed(i, v)
-        else:
-            digest.update(repr(value).encode())
+                feed(f"{where}/{i}", v)
 
     feed("", state)
     return digest.hexdigest()

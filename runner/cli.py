@@ -12,7 +12,7 @@ import os
 import sys
 
 from . import config, rundir
-from .errors import ConfigError, RodeError
+from .errors import ConfigError, RodeError, RunFailed
 from .schema import TASK_SCHEMAS
 from .tasks import TASKS, load_task
 
@@ -166,7 +166,10 @@ def _run_hydra_app(task: str, module, argv: list[str]) -> None:
     def app(cfg):
         try:
             validate(task, module, cfg)
-            return module.run(cfg)
+            result = module.run(cfg)
+            # A sweeper (hparams_search=optuna) optimises what the app returns.
+            objective = getattr(module, "objective", None)
+            return objective(cfg, result) if objective and isinstance(result, dict) else result
         except Interrupted as e:
             # Hydra records a job's Exception and goes on to the next job of a sweep;
             # a stop request (SIGTERM on a preempted node, Ctrl-C) must end the sweep.
@@ -177,6 +180,14 @@ def _run_hydra_app(task: str, module, argv: list[str]) -> None:
             if HydraConfig.get().mode == RunMode.RUN:
                 raise _StopRequested(e) from None
             raise
+        except OSError as e:
+            # A full disk, a lost permission: one line naming the cause and the file.
+            failed = RunFailed(rundir.os_error_message(e))
+            if TASKS[task].writes_runs:
+                rundir.write_failed_summary(cfg.out_dir, str(failed))
+            if HydraConfig.get().mode == RunMode.RUN:
+                raise _StopRequested(failed) from None
+            raise failed from None
 
     saved = sys.argv
     sys.argv = [f"rode {task}", *argv]
@@ -211,14 +222,16 @@ def validate_overrides(task: str, overrides: list[str], multirun: bool) -> None:
             if o.is_sweep_override():
                 if not multirun:
                     raise ConfigError(f"{o.input_line} is a sweep; add -m to run one job per value")
-                try:
-                    values = list(o.sweep_string_iterator())
-                except Exception:
-                    continue   # not enumerable (an interval for a sweeper plugin): skip
-                axes.append([f"{o.get_key_element()}={v}" for v in values])
+                axes.append([f"{o.get_key_element()}={v}" for v in _sweep_values(o)])
             else:
                 axes.append([o.input_line])
-        hydra_overrides = [o.input_line for o in parsed if o.is_hydra_override()]
+        hydra_overrides = [o.input_line for o in parsed if o.is_hydra_override()
+                           and not o.is_sweep_override()]
+        # hydra.sweeper.params.<key>=interval(...) on the command line: a search space
+        prefix = "hydra.sweeper.params."
+        more_space = [f"{o.key_or_group[len(prefix):]}={_sweep_values(o)[0]}" for o in parsed
+                      if o.is_hydra_override() and o.is_sweep_override()
+                      and o.key_or_group.startswith(prefix)]
         key, out_dir, jobs = ("hydra.sweep.dir" if multirun else "hydra.run.dir"), None, []
         for combo in _combinations(axes):
             try:
@@ -230,10 +243,18 @@ def validate_overrides(task: str, overrides: list[str], multirun: bool) -> None:
                 out_dir = out_dir or OmegaConf.select(cfg, key, default=None)
             except OmegaConfBaseException:
                 pass   # the dir depends on a value that validate() reports as missing
+            searched = _search_space(cfg) + more_space
             with open_dict(cfg):
                 del cfg["hydra"]
             config.validate(task, cfg)
             jobs.append(cfg)
+            if searched and len(jobs) == 1:   # a sweeper's search space (hparams_search=...)
+                try:
+                    point = compose(config_name=task, overrides=[*combo, *hydra_overrides,
+                                                                 *searched])
+                except HydraException as e:
+                    raise ConfigError("hydra.sweeper.params: " + _hydra_message(e, searched)) from None
+                config.validate(task, point)
         module = load_task(task)
         auto = bool(jobs and jobs[0].get("resume") == "auto")
         for cfg in jobs:
@@ -247,6 +268,43 @@ def validate_overrides(task: str, overrides: list[str], multirun: bool) -> None:
             if TASKS[task].writes_runs and not resuming:
                 rundir.check_fresh(out_dir, key, multirun, auto=auto)
     GlobalHydra.instance().clear()
+
+
+def _sweep_values(o) -> list[str]:
+    """The values of one sweep override: each value of a list or range; for a search
+    space a sweeper samples (interval(a,b), tag(log, interval(...)), choice(...)) each
+    choice, or an interval's two ends, so that the key and its type are still checked."""
+    from hydra.core.override_parser.types import IntervalSweep
+
+    value = o.value()
+    if isinstance(value, IntervalSweep):
+        ends = [value.start, value.end]
+        if all(float(v).is_integer() for v in ends) and "log" not in (value.tags or set()) \
+                and not any(isinstance(v, float) for v in ends):
+            ends = [int(v) for v in ends]
+        return [str(v) for v in ends]
+    try:
+        return list(o.sweep_string_iterator())
+    except Exception:
+        return [str(value)]
+
+
+def _search_space(cfg) -> list[str]:
+    """hydra.sweeper.params (a sweeper plugin's search space) as overrides of one
+    point of it: each key at its first choice or its interval's start."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    params = OmegaConf.select(cfg, "hydra.sweeper.params", default=None)
+    if not params:
+        return []
+    words = [f"{k}={v}" for k, v in params.items()]
+    try:
+        parsed = OverridesParser.create().parse_overrides(words)
+    except Exception as e:
+        raise ConfigError(f"hydra.sweeper.params: {str(e).strip().splitlines()[0]}") from None
+    return [f"{o.get_key_element()}={_sweep_values(o)[0]}" if o.is_sweep_override()
+            else o.input_line for o in parsed]
 
 
 def _combinations(axes: list[list[str]]):

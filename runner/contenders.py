@@ -83,7 +83,7 @@ class _PlainLoop(nn.Module):
                 x = x + h * f(x)
             return x
         half = 0.5 * h
-        for f, g in zip(fs[:-1], fs[1:]):
+        for f, g in zip(fs[:-1], fs[1:], strict=True):
             k1 = f(x)
             k2 = g(x + h * k1)
             x = x + half * (k1 + k2)

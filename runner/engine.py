@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -45,11 +46,20 @@ def peak_memory(device: torch.device) -> tuple[int, str]:
 
 
 def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
-    params = model.parameters()
+    """SGD or Adam, with one fused kernel over all parameter tensors (else the
+    multi-tensor ``foreach`` path): torch's default on CPU loops over the tensors
+    in Python, which at depth 1000 (4,000 tensors) costs a third of a step."""
+    params = list(model.parameters())
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
-                               weight_decay=cfg.weight_decay)
-    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        make = functools.partial(torch.optim.SGD, params, lr=cfg.lr, momentum=cfg.momentum,
+                                 weight_decay=cfg.weight_decay)
+    else:
+        make = functools.partial(torch.optim.Adam, params, lr=cfg.lr,
+                                 weight_decay=cfg.weight_decay)
+    try:
+        return make(fused=True)
+    except (RuntimeError, ValueError):   # a device or dtype the fused kernels do not take
+        return make(foreach=True)
 
 
 def lr_factor(schedule: str, step: int, total: int) -> float:

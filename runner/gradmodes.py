@@ -18,7 +18,8 @@ from typing import ClassVar
 import torch
 
 from .errors import ConfigError
-from .integrators import INTEGRATORS, vjp as _vjp
+from .integrators import INTEGRATORS
+from .integrators import vjp as _vjp
 
 log = logging.getLogger("rode")
 
@@ -124,8 +125,8 @@ class AdjointOptions:
 
     # segment=None: as many steps per segment as keep the segment's rebuilt states
     # within SEGMENT_BYTES, at most MAX_SEGMENT (docs/benchmarks.md: the measurements).
-    SEGMENT_BYTES: ClassVar[int] = 1 << 20
-    MAX_SEGMENT: ClassVar[int] = 32
+    SEGMENT_BYTES: ClassVar[int] = 1 << 18
+    MAX_SEGMENT: ClassVar[int] = 8
 
     def segment_for(self, state: torch.Tensor) -> int:
         """Steps per autograd call of the exact vjp, for states like ``state``."""
@@ -318,9 +319,10 @@ class Adjoint(GradMode):
             ``autograd.grad`` takes their vjps together: fewer calls into autograd,
             which decide the time when the layers are small, for K rebuilt states
             and K steps' activations held at once (memory O(K), still flat in
-            depth). None (default): K = 1 MiB / the state's bytes, between 1 and
-            32 (32 at width 64 and batch 64 in float32, 1 from a million floats
-            per state up); 1: one call per step.
+            depth). None (default): K = 256 KiB / the state's bytes, between 1
+            and 8 (8 at width 64 and batch 64 in float32, 1 from 64k floats per
+            state up: where the step's arithmetic, not the call, decides the
+            time); 1: one call per step.
         anchor_every: keep every k-th state of the forward pass (x_0, x_k, x_2k...)
             as anchors: memory O(N/k). The backward pass rebuilds inside each
             segment only: at an anchor, the stored state replaces the rebuilt one
@@ -411,9 +413,11 @@ class Adjoint(GradMode):
         pending = self._leaf_check.pending(stack)
         segment = self.options.segment_for(y) if self.options.vjp == "exact" else 1
         with stack.recomputing():
-            if segment > 1:
+            steps = reversed(range(stack.num_steps))
+            if segment > 1:   # every step, K per autograd call
                 y, g = self._segmented(stack, y, g, seed, grads, kept, pending, segment, errors)
-            for n in reversed(range(stack.num_steps) if segment == 1 else ()):
+                steps = ()
+            for n in steps:
                 call = self.caller(stack, n, seed)
                 if pending:
                     call = self._leaf_check.checking(call, pending)

@@ -72,7 +72,7 @@ def provenance(device: torch.device) -> dict:
             "torch": torch.__version__, "torchvision": _version("torchvision"),
             "hydra": _version("hydra-core"), "python": platform.python_version(),
             "host": socket.gethostname(), "device_name": device_name(device),
-            "command": shlex.join(sys.argv)}
+            "command": " ".join([sys.argv[0], *map(shlex.quote, sys.argv[1:])])}
 
 
 def set_deterministic(on: bool) -> None:

@@ -47,18 +47,48 @@ def results_in(path: Path, depth: int = 0) -> Path | None:
 
 def check_fresh(path, key: str, sweep: bool, auto: bool = False) -> None:
     """ConfigError if ``path`` already holds a run's results (a sweep dir: in any job dir).
-    ``auto`` (resume=auto): a dir whose results include a checkpoint passes; that its
-    config is the command's is checked when the checkpoint is read."""
+    ``auto`` (resume=auto): a dir holding a checkpoint passes (that its config is the
+    command's is checked when the checkpoint is read), and so does one holding no
+    summary (a run killed before its first checkpoint starts again)."""
     found = results_in(Path(str(path)).expanduser(), depth=3 if sweep else 0)
     if found is None:
         return
-    if auto and (sweep or (found.parent / CHECKPOINT).is_file()):
+    if auto and (sweep or (found.parent / CHECKPOINT).is_file()
+                 or not (found.parent / "summary.json").is_file()):
         return
     what = "the jobs of an earlier sweep" if sweep else "a run"
     hint = ("continue each job with rode train resume=<job dir>, or choose another dir" if sweep
             else f"continue it with resume={path} (rode train), or choose another dir")
     raise ConfigError(f"{key}={path} already holds {what} ({found.name} in {found.parent}); "
                       f"{hint}")
+
+
+def os_error_message(e: OSError) -> str:
+    """One line for a failed file operation: the cause, then the file, e.g.
+    'no space left on device while writing report.md' (a temporary file of an atomic
+    write is named by its target)."""
+    cause = (e.strerror or str(e) or type(e).__name__).lower()
+    if not e.filename:
+        return cause
+    name = Path(str(e.filename)).name
+    if name.startswith(".") and name.endswith(".tmp") and name.count(".") >= 3:
+        name = name[1:].rsplit(".", 2)[0]          # .report.md.<pid>.tmp -> report.md
+    return f"{cause}: {name} (in {Path(str(e.filename)).parent})"
+
+
+def write_failed_summary(out_dir, message: str) -> None:
+    """summary.json with status failed, where it can be written and no finished run's is."""
+    import json
+    import os
+    path = Path(str(out_dir)) / "summary.json"
+    try:
+        if path.is_file() and json.loads(path.read_text()).get("status") == "completed":
+            return
+        tmp = path.with_name(f".summary.json.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"status": "failed", "error": message}, indent=2) + "\n")
+        os.replace(tmp, path)
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 def unquote(value: str) -> str:

@@ -30,7 +30,7 @@ MODELS = ("mlp", "conv", "resnet")
 IMAGE_MODELS = ("conv", "resnet")
 DATASETS = ("digits", "synthetic", "mnist", "fashion_mnist", "cifar10", "cifar100", "imagenet")
 HOOKS = ("grad_error", "memory", "recon", "smoothness")
-CONTENDERS = ("backprop", "adjoint", "adjoint_shared", "checkpoint", "torchdiffeq", "memcnn")
+CONTENDERS = ("plain", "backprop", "adjoint", "adjoint_shared", "checkpoint", "torchdiffeq", "memcnn")
 ACTIVATIONS = ("relu", "tanh", "gelu")
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 STEMS = ("imagenet", "cifar")
@@ -380,6 +380,8 @@ ADJOINT = Group(fields={
     "roundtrip": Bool(),
     "max_roundtrip": Float(0, open_low=True, null=True, why=" (null: no tolerance)"),
     "compile": Bool(required=False),
+    "segment": Int(1, null=True, required=False,
+                   why=" (vjp=exact: steps per autograd call; null: from the state's size)"),
 })
 _HOOK = {"every": Int(0, why=" (0: off)")}
 HOOK_SCHEMA = Hooks(hooks={
@@ -463,7 +465,7 @@ TASK_SCHEMAS: dict[str, Group] = {
         "contenders": ListOf(item=Choice(choices=CONTENDERS)),
         "width": Int(1, MAX_WIDTH), "hidden": Int(1, MAX_WIDTH, null=True),
         "batch_size": Int(1, 10_000_000), "activation": Choice(choices=ACTIVATIONS),
-        "init": Choice(choices=INITS),
+        "init": ListOf(item=Choice(choices=INITS)),
         "dtype": Choice(choices=("float32", "float64", "bfloat16", "float16")),
         "device": DEVICE, "threads": THREADS, "warmup": Int(0), "repeats": COUNT,
         "memory": Bool(), "compile": Bool(), "seed": SEED, "progress": PROGRESS, "out_dir": OUT_DIR,

@@ -17,6 +17,7 @@ import importlib.util
 import math
 import numbers
 import os
+import uuid
 from pathlib import Path
 
 # logger name -> the import that must be available
@@ -51,7 +52,8 @@ def split_record(record: dict) -> tuple[dict, dict]:
     """(scalars, per-layer series) of one logged line; step/epoch/hook are the axes."""
     skip = {"hook", "step"}
     scalars = {k: float(v) for k, v in record.items() if k not in skip and _number(v)}
-    series = {k: [float(x) for x in v] for k, v in record.items() if _series(v)}
+    series = {k: [float(x) for x in v] for k, v in record.items()
+              if _series(v) and k != "layers"}   # layers: the index, not a measurement
     return scalars, series
 
 
@@ -99,7 +101,7 @@ class WandB:
     def __init__(self, opts: dict, out_dir: Path, config: dict, saved: dict):
         import wandb
 
-        run_id = saved.get("wandb_id") or opts.get("id") or wandb.util.generate_id()
+        run_id = saved.get("wandb_id") or opts.get("id") or uuid.uuid4().hex[:8]
         self.run = wandb.init(project=opts.get("project") or "rode", name=opts.get("name"),
                               dir=str(opts.get("save_dir") or out_dir), mode=opts.get("mode") or "offline",
                               id=run_id, resume="allow", config=config, reinit="create_new")
@@ -143,7 +145,8 @@ class MLflow:
         if saved.get("mlflow_run_id"):
             self.run_id = saved["mlflow_run_id"]
         else:
-            self.run_id = self.client.create_run(exp_id, run_name=opts.get("run_name") or out_dir.name).info.run_id
+            run_name = opts.get("run_name") or out_dir.name
+            self.run_id = self.client.create_run(exp_id, run_name=run_name).info.run_id
             from mlflow.entities import Param
             params = [Param(k, str(v)[:6000]) for k, v in _hparams(config).items()]
             for i in range(0, len(params), 100):

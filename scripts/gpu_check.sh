@@ -216,9 +216,10 @@ def bench(name):
     rows = list(csv.DictReader(path.open())) if path.is_file() else []
     problems = [f"{r['contender']} {r['method']} depth {r['depth']}: no finite time"
                 for r in rows if f(r["seconds_per_step"]) == "-"]
-    if mode == "full":
-        problems += [f"{r['contender']} {r['method']} depth {r['depth']}: no peak memory"
-                     for r in rows if f(r["peak_bytes"]) == "-"]
+    problems += [f"{r['contender']} {r['method']} depth {r['depth']}: no peak memory"
+                 for r in rows if r.get("memory_kind") != "not_measured" and f(r["peak_bytes"]) == "-"]
+    summary = out / name / "summary.json"
+    problems += json.loads(summary.read_text()).get("notes", []) if summary.is_file() else []
     bp = {(r["method"], r["depth"]): r for r in rows if r["contender"] == "backprop"}
     table, key = [], []
     for r in rows:

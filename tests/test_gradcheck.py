@@ -17,7 +17,9 @@ SETTING = ["model.activation=tanh", "width=8", "batch_size=256", "dtype=float64"
 
 def gradcheck_run(tmp_path, overrides):
     name = "_".join(o.split("=")[1] for o in overrides)
-    cfg = compose_config("gradcheck", SETTING + overrides, tmp_path / name)
+    given = {o.split("=")[0] for o in overrides}
+    setting = [o for o in SETTING if o.split("=")[0] not in given]
+    cfg = compose_config("gradcheck", setting + overrides, tmp_path / name)
     validate_job("gradcheck", cfg)
     summary = gradcheck.run(cfg)
     with open(tmp_path / name / "grad_error.csv") as f:
@@ -74,8 +76,35 @@ def test_checkpoint_gives_the_architecture_and_weights(tmp_path, capsys):
     assert 0 < summary["rel_error"] < 1
 
 
+def test_low_precision_is_measured_against_float64_backprop(tmp_path):
+    """bfloat16: backprop's own rounding is the floor, the exact schemes' adjoint adds
+    little to it; momentum's rebuild (divided by gamma each step) blows up, the
+    self-check sees it, and the anchored pass it switches to is back at the floor."""
+    rows = {}
+    for method in ["rev_heun", "momentum"]:
+        rows[method], _ = gradcheck_run(tmp_path, [f"method={method}", "depth=128", "init=iid",
+                                                   "dtype=bfloat16", "adjoint.max_roundtrip=0.1"])
+    rev, mom = rows["rev_heun"], rows["momentum"]
+    for s in (rev, mom):
+        assert s["dtype"] == "bfloat16" and s["reference"].startswith("backprop, float64")
+        assert 1e-4 < s["backprop_stack_rel_error"] < 0.5
+    assert rev["stack_rel_error"] < 2 * rev["backprop_stack_rel_error"]
+    assert rev["roundtrip_error"] < 0.1 and not rev["escalated"]
+    assert mom["roundtrip_error"] > 0.1 and mom["escalated"]
+    assert mom["stack_rel_error"] > 2 * mom["backprop_stack_rel_error"]
+    assert mom["escalated_anchor_every"] == 12   # ceil(sqrt(128 steps))
+    assert mom["escalated_stack_rel_error"] < 2 * mom["backprop_stack_rel_error"]
+
+
+def test_amp_autocasts_float32_weights(tmp_path):
+    s, _ = gradcheck_run(tmp_path, ["method=heun", "depth=16", "dtype=float32", "amp=true"])
+    assert s["amp"] and s["amp_dtype"] == "bfloat16" and s["dtype"] == "float32"
+    assert 1e-4 < s["backprop_stack_rel_error"] < 0.5
+    assert s["stack_rel_error"] < 2 * s["backprop_stack_rel_error"]
+
+
 @pytest.mark.parametrize("override, message", [
-    ("checkpoint=/no/such/run", "checkpoint"), ("dtype=float16", "dtype"),
+    ("checkpoint=/no/such/run", "checkpoint"), ("dtype=float8", "dtype"), ("amp=true", "amp"),
     ("method=heun depth=1", "depth"), ("batch_size=0", "batch_size"), ("init=random", "init")])
 def test_bad_input_is_a_config_error(tmp_path, override, message):
     cfg = compose_config("gradcheck", override.split(), tmp_path)

@@ -17,7 +17,8 @@ from runner.hooks import Hook
 from runner.tasks.train import resume_config
 
 # 1600 training examples, batch 64: 25 steps per epoch.
-FAST = ["dataset=synthetic", "dataset.val_fraction=0", "depth=4", "width=16", "epochs=3", "progress=false", "device=cpu"]
+FAST = ["dataset=synthetic", "dataset.val_fraction=0", "monitor=train_loss", "depth=4",
+        "width=16", "epochs=3", "progress=false", "device=cpu"]
 
 
 def epoch_records(run_dir):
@@ -145,7 +146,7 @@ def test_sigterm_to_the_cli_checkpoints_and_resume_continues(tmp_path):
 
     out = subprocess.run(cmd + [f"resume={run_dir}", "epochs=9"], cwd=tmp_path,
                          capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2 and "only device, progress, threads can be set" in out.stderr
+    assert out.returncode == 2 and "only device, progress, threads, checkpoint can be set" in out.stderr
     out = subprocess.run(cmd + [f"resume={run_dir}", "progress=false"], cwd=tmp_path,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr

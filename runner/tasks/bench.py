@@ -56,7 +56,8 @@ log = logging.getLogger("rode")
 COLUMNS = ["depth", "contender", "method", "width", "batch", "seconds_per_step",
            "peak_bytes", "grad_rel_error",
            # extras, after the fixed columns
-           "steps", "seconds_min", "repeats", "memory_kind", "device", "dtype", "init", "threads"]
+           "steps", "seconds_min", "repeats", "memory_kind", "device", "dtype", "init", "threads",
+           "seconds_max"]
 DTYPES = {"float32": torch.float32, "float64": torch.float64,
           "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Below float32 the gradient error is against backprop in float64 on the same weights.
@@ -98,19 +99,30 @@ def float64_reference(functions, method: str, x0, target) -> torch.Tensor:
 
 
 def train_step(model, params, x0, target) -> float:
-    """One forward + backward pass; returns its wall time in seconds."""
+    """One forward + backward pass; returns its wall time in seconds.
+
+    Before the clock starts, the last step's garbage is collected and the device
+    is idle; Python's cyclic collector stays off while the step runs (a collection
+    in the middle of a step is noise, not the contender's cost)."""
     for p in params:
         p.grad = None
     cuda = x0.is_cuda
+    gc.collect()
     if cuda:
         torch.cuda.synchronize(x0.device)
-    start = time.perf_counter()
-    out = model(x0)
-    loss = (out - target).pow(2).sum() / (2 * x0.shape[0])
-    loss.backward()
-    if cuda:
-        torch.cuda.synchronize(x0.device)
-    return time.perf_counter() - start
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        start = time.perf_counter()
+        out = model(x0)
+        loss = (out - target).pow(2).sum() / (2 * x0.shape[0])
+        loss.backward()
+        if cuda:
+            torch.cuda.synchronize(x0.device)
+        return time.perf_counter() - start
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def flat_grad(params) -> torch.Tensor:
@@ -262,16 +274,17 @@ def run(cfg) -> dict:
     memory_kind = ("cuda_max_allocated_over_baseline" if device == "cuda" else CpuMemory.kind) \
         if cfg.memory else "not_measured"
 
-    jobs = [(m, d) for m in methods for d in depths]
-    work = sum(len([n for n in names if m in CONTENDERS[n].methods]) for m, _ in jobs)
+    inits = list(dict.fromkeys(as_list(cfg, "init")))
+    jobs = [(i, m, d) for i in inits for m in methods for d in depths]
+    work = sum(len([n for n in names if m in CONTENDERS[n].methods]) for _, m, _ in jobs)
     bar = tqdm(total=work, desc="bench", dynamic_ncols=True,
                disable=not show_progress(cfg))
     rows = []
     try:
-        for method, depth in jobs:
+        for init, method, depth in jobs:
             spec = {"method": method, "depth": depth, "width": int(cfg.width),
                     "hidden": cfg.hidden and int(cfg.hidden), "batch": int(cfg.batch_size),
-                    "activation": cfg.activation, "init": cfg.init, "dtype": cfg.dtype,
+                    "activation": cfg.activation, "init": init, "dtype": cfg.dtype,
                     "device": device, "seed": int(cfg.seed), "threads": threads,
                     "compile": bool(cfg.compile)}
             here = [n for n in names if method in CONTENDERS[n].methods]
@@ -279,7 +292,7 @@ def run(cfg) -> dict:
             rows += _bench_one(spec, here, cfg, memory, memory_kind, notes, bar)
             write_csv(rows, out_dir / "bench.csv", COLUMNS)   # after each depth: a long run keeps its rows
             if bar.disable:
-                print(f"rode bench: {method} depth {depth}: {len(here)} contenders in "
+                print(f"rode bench: {init} {method} depth {depth}: {len(here)} contenders in "
                       f"{time.perf_counter() - start:.0f} s", flush=True)
     finally:
         bar.close()
@@ -313,9 +326,12 @@ def _bench_one(spec, names, cfg, memory, memory_kind, notes, bar) -> list[dict]:
             train_step(model, params, x0, target)
         if memory_kind.startswith("cuda"):
             peaks[n] = cuda_peak(model, params, x0, target)
-    for _ in range(int(cfg.repeats)):
-        for n, model in models.items():
-            times[n].append(train_step(model, params, x0, target))
+    order = list(models)
+    for r in range(int(cfg.repeats)):
+        # Interleaved, the order rotated each round: no contender always runs
+        # right after the same other one (or first, on a warm cache).
+        for n in order[r % len(order):] + order[:r % len(order)]:
+            times[n].append(train_step(models[n], params, x0, target))
     reference = (float64_reference(functions, spec["method"], x0, target)
                  if spec["dtype"] in LOW_PRECISION else grads["backprop"])
     del models
@@ -335,7 +351,7 @@ def _bench_one(spec, names, cfg, memory, memory_kind, notes, bar) -> list[dict]:
             "seconds_per_step": statistics.median(times[n]),
             "peak_bytes": peaks.get(n, math.nan), "grad_rel_error": error,
             "steps": INTEGRATORS[spec["method"]]().num_steps(spec["depth"]),
-            "seconds_min": min(times[n]), "repeats": len(times[n]),
+            "seconds_min": min(times[n]), "seconds_max": max(times[n]), "repeats": len(times[n]),
             "memory_kind": memory_kind, "device": spec["device"], "dtype": spec["dtype"],
             "init": spec["init"], "threads": spec["threads"],
         })
@@ -347,15 +363,23 @@ def _bench_one(spec, names, cfg, memory, memory_kind, notes, bar) -> list[dict]:
 def ratios(rows: list[dict]) -> dict:
     """What the targets are about, per method: time / backprop's at each depth,
     peak memory at the largest depth / at depth 64 (or the smallest), gradient
-    error / torchdiffeq's at each depth."""
+    error / torchdiffeq's at each depth; with the ``plain`` contender, time / the
+    plain loop's too (``time_vs_plain``). Several inits in one run: keyed
+    ``method/init``."""
     out = {}
-    for method in dict.fromkeys(r["method"] for r in rows):
-        mine = [r for r in rows if r["method"] == method]
+    inits = list(dict.fromkeys(r.get("init") for r in rows))
+    for method, init in dict.fromkeys((r["method"], r.get("init")) for r in rows):
+        mine = [r for r in rows if r["method"] == method and r.get("init") == init]
         at = {(r["contender"], r["depth"]): r for r in mine}
         depths = sorted({r["depth"] for r in mine})
         base_depth = 64 if 64 in depths else depths[0]
         entry = {"time_vs_backprop": {}, "memory_growth": {}, "grad_error_vs_torchdiffeq": {},
                  "memory_growth_depths": [base_depth, depths[-1]]}
+        if any(r["contender"] == "plain" for r in mine):
+            entry["time_vs_plain"] = {
+                name: {d: at[name, d]["seconds_per_step"] / at["plain", d]["seconds_per_step"]
+                       for d in depths if (name, d) in at and ("plain", d) in at}
+                for name in dict.fromkeys(r["contender"] for r in mine)}
         for name in dict.fromkeys(r["contender"] for r in mine):
             entry["time_vs_backprop"][name] = {
                 d: at[name, d]["seconds_per_step"] / at["backprop", d]["seconds_per_step"]
@@ -367,7 +391,7 @@ def ratios(rows: list[dict]) -> dict:
                 d: at[name, d]["grad_rel_error"] / at["torchdiffeq", d]["grad_rel_error"]
                 for d in depths if (name, d) in at and ("torchdiffeq", d) in at
                 and at["torchdiffeq", d]["grad_rel_error"] > 0}
-        out[method] = entry
+        out[method if len(inits) == 1 else f"{method}/{init}"] = entry
     return _finite(out)
 
 
@@ -382,17 +406,21 @@ def _finite(value):
 
 def format_table(rows: list[dict]) -> str:
     head = (f"{'method':<6} {'depth':>6} {'contender':<15} {'s/step':>9} {'x bp':>6} "
-            f"{'peak MiB':>9} {'x bp':>6} {'grad rel err':>12}")
+            f"{'peak MiB':>9} {'x bp':>6} {'grad rel err':>12} {'x plain':>7} {'init':<6}")
     lines = [head, "-" * len(head)]
-    bp = {(r["method"], r["depth"]): r for r in rows if r["contender"] == "backprop"}
+    bp = {(r["method"], r["depth"], r.get("init")): r for r in rows if r["contender"] == "backprop"}
+    floor = {(r["method"], r["depth"], r.get("init")): r for r in rows if r["contender"] == "plain"}
     for r in rows:
-        ref = bp.get((r["method"], r["depth"]))
+        key = (r["method"], r["depth"], r.get("init"))
+        ref, low = bp.get(key), floor.get(key)
         t_ratio = r["seconds_per_step"] / ref["seconds_per_step"] if ref else math.nan
+        p_ratio = r["seconds_per_step"] / low["seconds_per_step"] if low else math.nan
         m_ratio = (r["peak_bytes"] / ref["peak_bytes"]
                    if ref and ref["peak_bytes"] and ref["peak_bytes"] > 0 else math.nan)
         lines.append(f"{r['method']:<6} {r['depth']:>6} {r['contender']:<15} "
                      f"{r['seconds_per_step']:>9.4f} {t_ratio:>6.2f} "
-                     f"{r['peak_bytes'] / 2**20:>9.1f} {m_ratio:>6.2f} {r['grad_rel_error']:>12.2e}")
+                     f"{r['peak_bytes'] / 2**20:>9.1f} {m_ratio:>6.2f} {r['grad_rel_error']:>12.2e} "
+                     f"{p_ratio:>7.2f} {r.get('init') or '':<6}")
     return "\n".join(lines)
 
 

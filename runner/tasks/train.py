@@ -19,6 +19,7 @@ from ..preflight import check_amp
 from ..reporting import Job, depth_of, factors, num, series_label, table
 from ..resnet import check_resnet_config
 from ..rundir import RESUME_KEYS, locate
+from ..selection import objective  # noqa: F401  (what a sweeper optimises; cli calls it)
 from ..vision import check_dataset
 
 log = logging.getLogger("rode")
@@ -149,9 +150,18 @@ def run(cfg) -> dict:
     if summary.get("world_size", 1) > 1 and int(os.environ.get("RANK", 0)) != 0:
         return summary                     # rank 0 speaks for the group
     print(f"rode train: test accuracy {100 * summary['test_acc']:.2f}% "
-          f"(best {100 * summary['best_test_acc']:.2f}%) after {summary['epochs']} epochs, "
+          f"{_selected(summary)}after {summary.get('epochs_run', summary['epochs'])} epochs, "
           f"{summary['seconds']:.1f} s -> {cfg.out_dir}", flush=True)
     return summary
+
+
+def _selected(summary: dict) -> str:
+    """The test accuracy at the epoch the monitored metric chose (not the best test one)."""
+    if summary.get("selected_test_acc") is None:
+        return ""
+    stop = ", stopped early" if summary.get("stopped_early") else ""
+    return (f"({100 * summary['selected_test_acc']:.2f}% at epoch {summary['best_epoch']}, "
+            f"the best {summary['monitor']}{stop}) ")
 
 
 # ------------------------------------------------------------------ report
@@ -169,7 +179,7 @@ def report_section(jobs: list[Job], out: Path, figures: list[str]) -> str:
     rows = []
     for (label, depth), js in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1])):
         errors = [1 - j.summary["test_acc"] for j in js]
-        best = [1 - j.summary.get("best_test_acc", j.summary["test_acc"]) for j in js]
+        best = [1 - (j.summary.get("selected_test_acc") or j.summary["test_acc"]) for j in js]
         med = statistics.median(errors)
         series[label].append((depth, med, min(errors), max(errors), len(errors)))
         rows.append([label.replace(" | ", ", "), depth, len(js), f"{100 * med:.2f}",
@@ -178,6 +188,7 @@ def report_section(jobs: list[Job], out: Path, figures: list[str]) -> str:
                      statistics.median(j.summary.get("seconds", math.nan) for j in js),
                      format_size(statistics.median(num(j.summary.get("peak_memory_bytes"))
                                                    for j in js))])
+    rows_trials = _trials(done)
     from ..plots import plot_test_error  # matplotlib: only when a report is drawn
     plot_test_error(dict(series), out / "test_error.png")
     figures.append("test_error.png")
@@ -185,13 +196,47 @@ def report_section(jobs: list[Job], out: Path, figures: list[str]) -> str:
     return "\n".join([
         "## Test error vs depth (`rode train`)", "",
         "Final test error in %, median over seeds, with the lowest and highest seed; "
-        "best: the best epoch's error (median).", "",
-        table(["series", "depth", "seeds", "error %", "min–max %", "best %", "seconds",
+        "selected: the test error at the epoch with the best validation metric "
+        "(`monitor`; the final epoch for runs without one), median.", "",
+        table(["series", "depth", "seeds", "error %", "min–max %", "selected %", "seconds",
                "peak"], rows), "",
         f"Peak memory: {', '.join(sorted(kind)) or 'not recorded'}.", "",
-        "![test error vs depth](test_error.png)"])
+        "![test error vs depth](test_error.png)", *rows_trials])
+
+
+def _trials(jobs: list[Job]) -> list[str]:
+    """A hyperparameter study (hparams_search=...): every trial, its searched values and
+    its objective, best first. The study is found by its optimization_results.yaml."""
+    studies = {j.path.parent for j in jobs if (j.path.parent / "optimization_results.yaml").is_file()}
+    if not studies:
+        return []
+    out = []
+    for study in sorted(studies):
+        trials = [j for j in jobs if j.path.parent == study]
+        keys = sorted({k.split("=")[0] for j in trials for k in j.path.name.split(",")}
+                      - {"hparams_search", "epochs", "threads", "progress"})
+        rows = []
+        for j in trials:
+            values = dict(kv.split("=", 1) for kv in j.path.name.split(",") if "=" in kv)
+            obj = j.summary.get("best_metrics", {}).get(j.summary.get("monitor", "val_acc"))
+            rows.append([*(values.get(k, "") for k in keys),
+                         f"{100 * obj:.2f}" if obj is not None else "–",
+                         f"{100 * (j.summary.get('selected_test_acc') or math.nan):.2f}",
+                         format_size(num(j.summary.get("peak_memory_bytes")))])
+        rows.sort(key=lambda r: -num(r[len(keys)]) if r[len(keys)] != "–" else math.inf)
+        results = (study / "optimization_results.yaml").read_text().strip()
+        out += ["", f"## Hyperparameter study `{study.name}` ({len(trials)} trials)", "",
+                "Validation accuracy (the monitored metric) of every trial, best first, with "
+                "its test accuracy at the selected epoch.", "",
+                table([*keys, "val acc %", "test acc % (selected)", "peak"], rows), "",
+                "Optuna's result (optimization_results.yaml):", "", "```", results, "```"]
+    return out
 
 
 def report_result(job: Job) -> str:
     s = job.summary
-    return f"test acc {100 * s['test_acc']:.2f}%" if "test_acc" in s else ""
+    if "test_acc" not in s:
+        return ""
+    sel = s.get("selected_test_acc")
+    at = f" (selected {100 * sel:.2f}% at epoch {s.get('best_epoch')})" if sel is not None else ""
+    return f"test acc {100 * s['test_acc']:.2f}%{at}"

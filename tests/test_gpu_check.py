@@ -1,0 +1,42 @@
+"""scripts/gpu_check.sh: the smoke variant runs every check at toy size on CPU, so that
+the GPU script cannot rot; a failing check is recorded and never stops the others."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "gpu_check.sh"
+CHECKS = ["bench_w256", "bench_w1024", "deep", "gradcheck", "conv_amp", "ddp_train", "ddp_backend"]
+
+
+def run_script(out, **env):
+    environ = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", **env}
+    return subprocess.run(["bash", str(SCRIPT), "smoke", str(out)], cwd=ROOT, env=environ,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_smoke_runs_every_check_and_writes_the_summary(tmp_path):
+    done = run_script(tmp_path / "out")
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:] + summary
+    result = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert list(result["checks"]) == CHECKS
+    assert all(c["pass"] for c in result["checks"].values())
+    assert result["versions"]["torch"]
+    for name in CHECKS:
+        assert f"| {name} | PASS |" in summary and f"## {name}:" in summary
+    assert "| gradcheck | PASS |" in summary and "bfloat16" in summary
+    assert "gloo, world size 2" in summary
+
+
+def test_a_failing_check_fails_the_script_but_not_the_others(tmp_path):
+    done = run_script(tmp_path / "out", RODE="false", CHECKS="bench_w256 gradcheck")
+    assert done.returncode == 1
+    result = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert list(result["checks"]) == ["bench_w256", "gradcheck"]
+    assert not any(c["pass"] for c in result["checks"].values())
+    assert all("exit 1" in c["problems"][0] for c in result["checks"].values())
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "| bench_w256 | FAIL |" in summary and "| gradcheck | FAIL |" in summary
