@@ -116,3 +116,16 @@ def plain(cfg, exclude: Iterable[str] = ()):
     if OmegaConf.is_dict(cfg) and exclude:
         return {k: plain(cfg[k]) for k in cfg if k not in exclude}
     return OmegaConf.to_container(cfg, resolve=True)
+
+
+def flatten(d: dict, prefix: str = "", lists_as_json: bool = False) -> dict:
+    """A nested dict as one level of dotted keys (``{"a": {"b": 1}}`` -> ``{"a.b": 1}``);
+    ``lists_as_json``: list values as JSON text (one hashable value per key)."""
+    out = {}
+    for k, v in (d or {}).items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + ".", lists_as_json))
+        else:
+            out[key] = json.dumps(v) if lists_as_json and isinstance(v, list) else v
+    return out

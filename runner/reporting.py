@@ -8,11 +8,11 @@ own jobs.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import io
 from .io import read_csv
 
 # Settings of how a job ran, not of what it measured: never a factor of a sweep.
@@ -53,15 +53,9 @@ def table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in (d or {}).items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = json.dumps(v) if isinstance(v, list) else v
-    return out
+def flatten(d: dict) -> dict:
+    """A job's config as dotted keys, lists as JSON text (so that values are hashable)."""
+    return io.flatten(d, lists_as_json=True)
 
 
 def factors(jobs: list[Job], exclude=NOT_FACTORS) -> list[str]:

@@ -20,6 +20,8 @@ import os
 import uuid
 from pathlib import Path
 
+from .io import flatten
+
 # logger name -> the import that must be available
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 INSTALL = "pip install 'rode[tracking]'"
@@ -27,17 +29,6 @@ INSTALL = "pip install 'rode[tracking]'"
 
 def missing_packages(names) -> list[str]:
     return [n for n in names if importlib.util.find_spec(PACKAGES[n]) is None]
-
-
-def flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in (d or {}).items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
 
 
 def _number(v) -> bool:

@@ -424,7 +424,6 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-
 # ------------------------------------------------------------------ report
 def report_section(jobs: list[Job], out: Path, figures: list[str]) -> str:
     found = table_jobs(jobs, "bench.csv")

@@ -293,7 +293,6 @@ def run(cfg) -> dict:
     return summary
 
 
-
 # ------------------------------------------------------------------ report
 def report_section(jobs: list[Job], out: Path, figures: list[str]) -> str:
     found = table_jobs(jobs, "discretization.csv")

@@ -185,7 +185,6 @@ def run(cfg) -> dict:
     return summary
 
 
-
 # ------------------------------------------------------------------ report
 def report_section(jobs: list[Job], out: Path, figures: list[str]) -> str:
     found = table_jobs(jobs, "linear_metrics.csv")
