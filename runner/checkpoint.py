@@ -54,7 +54,7 @@ def checksum(state) -> str:
         if isinstance(value, torch.Tensor):
             t = value.detach().cpu().contiguous().reshape(-1)
             digest.update(f"{where} {t.dtype} {tuple(value.shape)}".encode())
-            digest.update(t.view(torch.uint8).numpy().tobytes())
+            digest.update(t.view(torch.uint8).numpy())   # the buffer itself, not a copy
         elif isinstance(value, dict):
             for k in sorted(value, key=repr):
                 if k != CHECKSUM:

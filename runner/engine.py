@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import json
 import logging
 import math
@@ -155,6 +156,7 @@ def train(cfg, hooks: list[Hook] | None = None, *, model: torch.nn.Module | None
                            Path(cfg.out_dir) / "summary.json")
         raise RunFailed(f"{e} (run dir: {cfg.out_dir})") from None
     finally:
+        gc.unfreeze()   # what _train froze: collectable again
         dist.close()
 
 
@@ -240,6 +242,10 @@ def _train(cfg, hooks, model, data, resume, dist, device, stop) -> dict:
 
     for hook in hooks:
         hook.on_train_start(run)
+    # The model, optimizer state and data exist for the whole run: keep them out of the
+    # cyclic collector's full passes, which at depth 1000 (about a million objects) take
+    # 0.1-0.2 s each. train() unfreezes them.
+    gc.freeze()
     if resume is not None:
         checkpoint.set_rng_state(resume["rng"])
         run.log(None, {"event": "resumed", "epoch": progress.epoch, "step": progress.step})
@@ -256,6 +262,9 @@ def _train(cfg, hooks, model, data, resume, dist, device, stop) -> dict:
                    total=progress.batch + len(train_loader))
         for x, y in bar:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            # Before the forward pass: the freed gradients' memory then serves its
+            # activations (at depth 1000 this is 3% of a step faster than after it).
+            optimizer.zero_grad(set_to_none=True)
             with autocast():
                 loss = F.cross_entropy(net(x), y)
             # One collective per step: the loss over every process's share of the
@@ -265,7 +274,6 @@ def _train(cfg, hooks, model, data, resume, dist, device, stop) -> dict:
             if not math.isfinite(loss_sum):
                 _fail(run, f"loss became {loss_sum / n} at epoch {epoch}, step {run.step + 1}; "
                       f"try a smaller lr (lr={cfg.lr})", seconds())
-            optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
