@@ -238,7 +238,8 @@ def test_submitit_preemption_requeues_and_resumes(tmp_path):
     sweep = tmp_path / "sweep"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "runner", "-m", "train", *FAST, "epochs=6", "resume=auto",
+        # depth 64: epochs long enough that the signal lands mid-run
+        [sys.executable, "-m", "runner", "-m", "train", *FAST, "epochs=6", "depth=64", "resume=auto",
          "hydra/launcher=local", f"hydra.sweep.dir={sweep}"],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 180
