@@ -154,7 +154,12 @@ if rank == 0:
     with open(out, "w") as f:
         json.dump({"backend": backend, "world_size": world, "param_max_diff": diff,
                    "finite": bool(torch.isfinite(flat).all())}, f)
+dist.barrier()
 dist.destroy_process_group()
+# Skip the interpreter's teardown: gloo's threads can abort it ("terminate called
+# without an active exception") after the work is done and recorded.
+sys.stdout.flush()
+os._exit(0)
 PY
 check ddp_backend "$T_DDP" "${TORCHRUN[@]}" --standalone "--nproc_per_node=$NPROC" \
   "$OUT/ddp_backend/ddp_backend.py" "$DEVICE" "$OUT/ddp_backend/result.json"
