@@ -5,7 +5,7 @@ then renamed over it (rename is atomic on POSIX): a run killed at any moment lea
 the previous checkpoint or the new one, never half of one. SIGTERM (what SLURM and
 torchrun send before killing a job) and SIGINT (Ctrl-C) only raise a flag: the
 training loop checkpoints at the end of the step it is in, then stops with
-:class:`Interrupted`. A checkpoint holds everything a run needs to go on exactly
+:class:`~runner.errors.Interrupted`. A checkpoint holds everything a run needs to go on exactly
 as if it had not stopped: weights, optimizer, scheduler, loss scaler, epoch, step,
 the position within the epoch and the random number generators' states.
 """
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from .errors import ConfigError, RodeError, RunFailed
+from .errors import ConfigError, RunFailed
 from .io import atomic_open
 from .models import build_model
 from .rundir import CHECKPOINT, locate
@@ -211,15 +211,6 @@ def writing(path, epoch: int | None = None, step: int | None = None):
         yield
     except OSError as e:
         raise WriteFailed(e, path, epoch, step) from e
-
-
-class Interrupted(RodeError):
-    """The run was asked to stop (SIGTERM, SIGINT) and checkpointed first.
-    Exit code 128 + the signal number, as a shell reports a killed command."""
-
-    def __init__(self, message: str, signum: int):
-        super().__init__(message)
-        self.exit_code = 128 + signum
 
 
 def _stop_signals() -> tuple[int, ...]:

@@ -12,7 +12,7 @@ import os
 import sys
 
 from . import config, rundir
-from .errors import ConfigError, RodeError, RunFailed
+from .errors import ConfigError, Interrupted, RodeError, RunFailed
 from .schema import TASK_SCHEMAS
 from .tasks import TASKS, load_task
 
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
             validate_overrides(task, overrides, multirun)
         for note in notes:
             print(note, file=sys.stderr)
-        _run_hydra_app(task, load_task(task), flags + overrides + _worker_overrides())
+        _run_hydra_app(task, flags + overrides + _worker_overrides())
     except _StopRequested as stop:
         _die(str(stop.error), stop.error.exit_code, task)
     except RodeError as e:
@@ -152,18 +152,17 @@ def _worker_overrides() -> list[str]:
     return ["hydra.output_subdir=null", "hydra/job_logging=disabled"]
 
 
-def _run_hydra_app(task: str, module, argv: list[str]) -> None:
+def _run_hydra_app(task: str, argv: list[str]) -> None:
     import hydra
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
-
-    from .checkpoint import Interrupted
 
     # Let exceptions reach us instead of Hydra printing a trimmed traceback.
     os.environ["HYDRA_FULL_ERROR"] = "1"
 
     @hydra.main(config_path="conf", config_name=task, version_base="1.3")
     def app(cfg):
+        module = load_task(task)   # here: `rode <task> --help` need not import torch
         try:
             validate(task, module, cfg)
             result = module.run(cfg)

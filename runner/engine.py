@@ -22,7 +22,7 @@ from . import checkpoint, distributed, provenance, selection, tracking
 from .config import show_progress
 from .data import build_dataset, make_loader
 from .databundle import DataBundle
-from .errors import RunFailed
+from .errors import Interrupted, RunFailed
 from .hooks import build_hooks
 from .hooks.base import Hook
 from .io import append_jsonl, plain, write_json, write_text
@@ -392,7 +392,7 @@ def _interrupt(run: Run, stop, dist, device, seconds: float) -> None:
                    "step": run.step, "seconds": seconds})
     dist.barrier()                           # rank 0 has finished writing the checkpoint
     stop.pass_on()                           # e.g. submitit's requeue (it exits)
-    raise checkpoint.Interrupted(
+    raise Interrupted(
         f"stopped by {stop.name or 'a signal on another process'} at epoch {run.epoch}, "
         f"step {run.step}; checkpoint saved, continue with: rode train resume={run.out_dir}",
         stop.signum or 15)

@@ -14,7 +14,7 @@ import torch
 from conftest import compose_config
 from runner import checkpoint, engine
 from runner.engine import train
-from runner.errors import ConfigError, RunFailed
+from runner.errors import ConfigError, Interrupted, RunFailed
 from runner.hooks import Hook
 from runner.tasks.train import resume_config
 
@@ -127,7 +127,7 @@ def test_sigusr_stops_like_sigterm(tmp_path, signum):
         def on_step_end(self, run):
             if run.step == 30:
                 os.kill(os.getpid(), signum)
-    with pytest.raises(checkpoint.Interrupted) as stopped:
+    with pytest.raises(Interrupted) as stopped:
         train(compose_config("train", FAST, tmp_path), hooks=[SignalAt()])
     assert stopped.value.exit_code == 128 + signum
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 30

@@ -12,7 +12,7 @@ import torch
 from conftest import compose_config, validate_job
 from runner import checkpoint
 from runner.engine import train
-from runner.errors import ConfigError, RunFailed
+from runner.errors import ConfigError, Interrupted, RunFailed
 from runner.hooks import Hook
 from runner.tasks.train import resume_config
 
@@ -69,7 +69,7 @@ def test_interrupted_then_resumed_run_ends_like_an_uninterrupted_one(tmp_path, s
     train(compose_config("train", FAST, whole))
 
     cut = tmp_path / "cut"
-    with pytest.raises(checkpoint.Interrupted) as stopped:
+    with pytest.raises(Interrupted) as stopped:
         train(compose_config("train", FAST, cut), hooks=[SignalAt(stop_step, signum)])
     assert stopped.value.exit_code == 128 + signum
     assert f"resume={cut}" in str(stopped.value)
