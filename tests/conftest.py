@@ -1,3 +1,4 @@
+import json
 import logging
 import os
 import sys
@@ -115,3 +116,15 @@ def validate_job(task: str, cfg) -> None:
     from runner.tasks import load_task
 
     validate(task, load_task(task), cfg)
+
+
+# A run that checkpoints, stops and resumes quickly: 1600 training examples, batch 64,
+# 25 steps per epoch, no validation split (every step trains).
+RESUMABLE_RUN = ["dataset=synthetic", "dataset.val_fraction=0", "monitor=train_loss", "depth=4",
+                 "width=16", "epochs=3", "progress=false", "device=cpu"]
+
+
+def epoch_records(run_dir):
+    """The epoch lines of a run's metrics.jsonl, without their wall-clock times."""
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in lines if "test_acc" in r]

@@ -9,21 +9,13 @@ import time
 import pytest
 import torch
 
-from conftest import compose_config, validate_job
+from conftest import RESUMABLE_RUN as FAST
+from conftest import compose_config, epoch_records, validate_job
 from runner import checkpoint
 from runner.engine import train
 from runner.errors import ConfigError, Interrupted, RunFailed
 from runner.hooks import Hook
 from runner.tasks.train import resume_config
-
-# 1600 training examples, batch 64: 25 steps per epoch.
-FAST = ["dataset=synthetic", "dataset.val_fraction=0", "monitor=train_loss", "depth=4",
-        "width=16", "epochs=3", "progress=false", "device=cpu"]
-
-
-def epoch_records(run_dir):
-    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k != "seconds"} for r in lines if "test_acc" in r]
 
 
 class SignalAt(Hook):
