@@ -16,6 +16,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from omegaconf import OmegaConf
+
 from .errors import ConfigError
 
 MAX_DEPTH = 100_000
@@ -298,8 +300,6 @@ class Hooks(Spec):
 
 # ---------------------------------------------------------------- checker
 def _missing(node, key: str) -> bool:
-    from omegaconf import OmegaConf
-
     return OmegaConf.is_config(node) and OmegaConf.is_missing(node, key)
 
 

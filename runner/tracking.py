@@ -20,6 +20,8 @@ import os
 import uuid
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 from .io import flatten
 
 # logger name -> the import that must be available
@@ -237,8 +239,6 @@ def start(cfg, out_dir: Path, config: dict, saved: dict | None) -> Trackers | No
     names = [n for n in chosen if n in BACKENDS]
     if not names:
         return None
-    from omegaconf import OmegaConf
-
     backends = {}
     for name in names:
         opts = chosen[name]
