@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 from .errors import ConfigError, RunFailed
 from .io import atomic_open
 from .models import build_model
-from .rundir import CHECKPOINT, locate
+from .rundir import CHECKPOINT, locate, os_error_cause
 
 FILENAME = CHECKPOINT
 CHECKSUM = "sha256"
@@ -199,8 +199,7 @@ class WriteFailed(RunFailed):
     checkpoint.pt'."""
 
     def __init__(self, error: OSError, path, epoch: int | None = None, step: int | None = None):
-        cause = (error.strerror or str(error) or type(error).__name__).lower()
-        super().__init__(f"{cause} while writing {Path(path).name}")
+        super().__init__(f"{os_error_cause(error)} while writing {Path(path).name}")
         self.path, self.epoch, self.step = Path(path), epoch, step
 
 

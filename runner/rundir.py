@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .errors import ConfigError
+from .io import read_json, write_json
 
 CHECKPOINT = "checkpoint.pt"
 # Files whose presence means a dir holds a run's results.
@@ -63,11 +64,16 @@ def check_fresh(path, key: str, sweep: bool, auto: bool = False) -> None:
                       f"{hint}")
 
 
+def os_error_cause(e: OSError) -> str:
+    """What went wrong, in the system's words: 'no space left on device'."""
+    return (e.strerror or str(e) or type(e).__name__).lower()
+
+
 def os_error_message(e: OSError) -> str:
     """One line for a failed file operation: the cause, then the file, e.g.
-    'no space left on device while writing report.md' (a temporary file of an atomic
+    'no space left on device: report.md (in <dir>)' (a temporary file of an atomic
     write is named by its target)."""
-    cause = (e.strerror or str(e) or type(e).__name__).lower()
+    cause = os_error_cause(e)
     if not e.filename:
         return cause
     name = Path(str(e.filename)).name
@@ -78,15 +84,11 @@ def os_error_message(e: OSError) -> str:
 
 def write_failed_summary(out_dir, message: str) -> None:
     """summary.json with status failed, where it can be written and no finished run's is."""
-    import json
-    import os
     path = Path(str(out_dir)) / "summary.json"
     try:
-        if path.is_file() and json.loads(path.read_text()).get("status") == "completed":
+        if path.is_file() and read_json(path).get("status") == "completed":
             return
-        tmp = path.with_name(f".summary.json.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"status": "failed", "error": message}, indent=2) + "\n")
-        os.replace(tmp, path)
+        write_json({"status": "failed", "error": message}, path)
     except (OSError, ValueError, AttributeError):
         pass
 

@@ -7,13 +7,12 @@ W&B) or per-layer scalars (MLflow), at the optimizer step. The run's config goes
 as hyperparameters at the start, the summary's numbers as metrics at the end.
 Only the process that writes (rank 0 under DDP) builds trackers.
 
-Which package each needs (``PACKAGES``) is checked before anything runs, without
-importing them (``missing_packages``).
+Whether each logger's package is installed is checked before anything runs, without
+importing it (``runner.config.check_tracking``).
 """
 from __future__ import annotations
 
 import atexit
-import importlib.util
 import math
 import numbers
 import os
@@ -23,14 +22,6 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from .io import flatten
-
-# logger name -> the import that must be available
-PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
-INSTALL = "pip install 'rode[tracking]'"
-
-
-def missing_packages(names) -> list[str]:
-    return [n for n in names if importlib.util.find_spec(PACKAGES[n]) is None]
 
 
 def _number(v) -> bool:

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from .. import checkpoint, config
 from ..engine import train
 from ..errors import ConfigError
-from ..io import format_size, plain, read_json
+from ..io import flatten, format_size, plain, read_json
 from ..preflight import check_amp
 from ..reporting import Job, depth_of, factors, num, series_label, table
 from ..resnet import check_resnet_config
@@ -101,16 +101,9 @@ def auto_resume(cfg):
 def config_differences(saved: dict, mine: dict) -> list[tuple[str, object, object]]:
     """(dotted key, this value, the checkpoint's) for every key that differs, but those
     that may change between a run and its continuation."""
-    def flat(d, prefix=""):
-        out = {}
-        for k, v in (d or {}).items():
-            if not prefix and k in _AUTO_FREE:
-                continue
-            if isinstance(v, dict) and v:
-                out.update(flat(v, f"{prefix}{k}."))
-            else:
-                out[f"{prefix}{k}"] = v
-        return out
+    def flat(d):
+        return {k: v for k, v in flatten(d).items() if k.split(".")[0] not in _AUTO_FREE}
+
     a, b = flat(mine), flat(saved)
     return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
