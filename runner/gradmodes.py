@@ -20,6 +20,7 @@ import torch
 from .errors import ConfigError
 from .integrators import INTEGRATORS
 from .integrators import vjp as _vjp
+from .walk import parameters_of
 
 log = logging.getLogger("rode")
 
@@ -530,7 +531,7 @@ class _Gradients:
         found = self._of_function.get(id(f))
         if found is None:
             found = self._of_function[id(f)] = [
-                p for p in _parameters_of(f) if p.requires_grad and id(p) in self._position]
+                p for p in parameters_of(f) if p.requires_grad and id(p) in self._position]
         return found
 
     def of_steps(self, lo: int, hi: int) -> list:
@@ -570,23 +571,6 @@ class _Gradients:
                 owned[k] = True
         if into:   # one call for all of them (tied weights: every step)
             torch._foreach_add_(into, more)
-
-
-def _parameters_of(module: torch.nn.Module) -> list:
-    """``list(module.parameters())``, same order, without the generators: the
-    adjoint lists each residual function's parameters at every pass."""
-    out, seen_params, seen_modules, todo = [], set(), set(), [module]
-    while todo:
-        m = todo.pop()
-        if id(m) in seen_modules:
-            continue
-        seen_modules.add(id(m))
-        for p in m._parameters.values():
-            if p is not None and id(p) not in seen_params:
-                seen_params.add(id(p))
-                out.append(p)
-        todo.extend(c for c in reversed(m._modules.values()) if c is not None)
-    return out
 
 
 def _relative_error(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

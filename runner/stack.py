@@ -9,23 +9,10 @@ from torch import nn
 
 from .gradmodes import GradMode, get_grad_mode
 from .integrators import Integrator, get_integrator
+from .walk import modules_of, parameters_of
 
 _BatchNorm = nn.modules.batchnorm._BatchNorm
 _Dropout = nn.modules.dropout._DropoutNd
-
-
-def _modules_of(module: nn.Module) -> list[nn.Module]:
-    """``list(module.modules())``, same order, without the generators (the grad
-    modes walk a stack's modules at every pass: thousands at depth 1000)."""
-    out, seen, todo = [], set(), [module]
-    while todo:
-        m = todo.pop()
-        if id(m) in seen:
-            continue
-        seen.add(id(m))
-        out.append(m)
-        todo.extend(c for c in reversed(m._modules.values()) if c is not None)
-    return out
 
 
 class ResidualStack(nn.Module):
@@ -93,13 +80,7 @@ class ResidualStack(nn.Module):
 
     def fast_parameters(self) -> list[nn.Parameter]:
         """``list(self.parameters())``, same order, walked without generators."""
-        out, seen = [], set()
-        for m in _modules_of(self):
-            for p in m._parameters.values():
-                if p is not None and id(p) not in seen:
-                    seen.add(id(p))
-                    out.append(p)
-        return out
+        return parameters_of(self)
 
     @property
     def last_roundtrip_error(self) -> float | None:
@@ -114,7 +95,7 @@ class ResidualStack(nn.Module):
         """Draw the seed that makes this pass's randomness replayable (or None)."""
         wanted = self.preserve_rng
         if wanted is None:
-            wanted = any(isinstance(m, _Dropout) and m.training for m in _modules_of(self))
+            wanted = any(isinstance(m, _Dropout) and m.training for m in modules_of(self))
         if not wanted:
             return None
         return int(torch.randint(0, 2**62, (1,)).item())
@@ -150,7 +131,7 @@ class ResidualStack(nn.Module):
     def recomputing(self) -> Iterator[None]:
         """Recompute steps faithfully: BatchNorm stays in training mode and keeps
         using batch statistics, but its running statistics are not updated again."""
-        frozen = [m for m in _modules_of(self.functions)
+        frozen = [m for m in modules_of(self.functions)
                   if isinstance(m, _BatchNorm) and m.training and m.track_running_stats]
         for m in frozen:
             m.track_running_stats = False   # train mode + no running stats = batch stats only
