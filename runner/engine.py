@@ -1,7 +1,6 @@
 """The training loop: one readable function, with hooks called at fixed points."""
 from __future__ import annotations
 
-import contextlib
 import functools
 import gc
 import json
@@ -18,7 +17,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from . import checkpoint, distributed, provenance, selection, tracking
+from . import checkpoint, distributed, provenance, rundir, selection, tracking
 from .config import show_progress
 from .data import build_dataset, make_loader
 from .databundle import DataBundle
@@ -150,10 +149,8 @@ def train(cfg, hooks: list[Hook] | None = None, *, model: torch.nn.Module | None
             return _train(cfg, hooks, model, data, resume, dist, device, stop)
     except checkpoint.WriteFailed as e:   # disk full, permission lost: say so, keep the rest
         if dist.is_main:
-            with contextlib.suppress(OSError):
-                write_json({"status": "failed", "error": str(e), "epoch": e.epoch,
-                            "steps": e.step, "config": plain(cfg)},
-                           Path(cfg.out_dir) / "summary.json")
+            rundir.write_failed_summary(cfg.out_dir, str(e), epoch=e.epoch, steps=e.step,
+                                        config=plain(cfg))
         raise RunFailed(f"{e} (run dir: {cfg.out_dir})") from None
     finally:
         gc.unfreeze()   # what _train froze: collectable again

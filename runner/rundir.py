@@ -82,13 +82,14 @@ def os_error_message(e: OSError) -> str:
     return f"{cause}: {name} (in {Path(str(e.filename)).parent})"
 
 
-def write_failed_summary(out_dir, message: str) -> None:
-    """summary.json with status failed, where it can be written and no finished run's is."""
+def write_failed_summary(out_dir, message: str, **details) -> None:
+    """summary.json with status failed (and ``details``), where it can be written and no
+    finished run's is."""
     path = Path(str(out_dir)) / "summary.json"
     try:
         if path.is_file() and read_json(path).get("status") == "completed":
             return
-        write_json({"status": "failed", "error": message}, path)
+        write_json({"status": "failed", "error": message, **details}, path)
     except (OSError, ValueError, AttributeError):
         pass
 

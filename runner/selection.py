@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch.utils.data import Subset
 
+from . import checkpoint
 from .databundle import DataBundle
-from .io import atomic_open
 
 BEST = "best.pt"
 
@@ -86,8 +86,7 @@ def save_best(model, config: dict, data: DataBundle, record: dict, path) -> None
     state = {"format": "rode-best", "model": model.state_dict(), "config": config,
              "data": {"input_shape": list(data.input_shape), "num_classes": data.num_classes},
              "epoch": int(record["epoch"]), "metrics": dict(record)}
-    with atomic_open(path, "wb") as f:
-        torch.save(state, f)
+    checkpoint.save(state, path)   # atomic, with the checksum checkpoint.load verifies
 
 
 def from_config(cfg, saved: dict | None = None) -> Selection:
