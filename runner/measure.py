@@ -29,6 +29,9 @@ from .gradmodes import Adjoint, Backprop, GradMode
 from .stack import ResidualStack
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# dtype=... of the measurement tasks (gradcheck, bench): name -> torch dtype
+DTYPES = {"float64": torch.float64, "float32": torch.float32,
+          "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # ------------------------------------------------------------- leave no trace

@@ -46,7 +46,7 @@ from ..contenders import CONTENDERS
 from ..inits import INITS
 from ..integrators import INTEGRATORS
 from ..io import format_size, plain, write_csv, write_json
-from ..measure import proc_status
+from ..measure import DTYPES, proc_status
 from ..models import MLPBlock
 from ..preflight import check_device
 from ..reporting import Job, num, table, table_jobs
@@ -58,8 +58,6 @@ COLUMNS = ["depth", "contender", "method", "width", "batch", "seconds_per_step",
            # extras, after the fixed columns
            "steps", "seconds_min", "repeats", "memory_kind", "device", "dtype", "init", "threads",
            "seconds_max"]
-DTYPES = {"float32": torch.float32, "float64": torch.float64,
-          "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Below float32 the gradient error is against backprop in float64 on the same weights.
 LOW_PRECISION = ("bfloat16", "float16")
 ACTIVATIONS = ("relu", "tanh", "gelu")

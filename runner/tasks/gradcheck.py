@@ -43,13 +43,11 @@ from ..data import build_dataset, make_loader
 from ..engine import seed_everything
 from ..gradmodes import get_grad_mode
 from ..io import fit_slope, plain, read_csv, write_csv, write_json
-from ..measure import grad_mode_as, layer_groups, residual_stacks, untouched
+from ..measure import DTYPES, grad_mode_as, layer_groups, residual_stacks, untouched
 from ..models import build_model
 from ..preflight import check_device, resolve_device
 from ..reporting import Job, depth_of, factors, num, series_label, table
 
-DTYPES = {"float64": torch.float64, "float32": torch.float32,
-          "bfloat16": torch.bfloat16, "float16": torch.float16}
 # What a checkpoint's config decides: the model it holds.
 ARCHITECTURE = ("model", "dataset", "depth", "width", "method", "init", "adjoint")
 
