@@ -52,9 +52,10 @@ class Backprop(GradMode):
     name = "backprop"
 
     def __call__(self, stack, x):
-        seed = stack.new_pass_seed()
+        layout = stack.layout()
+        seed, calls, step = stack.new_pass_seed(layout), layout.calls, stack.step
         for n in range(stack.num_steps):
-            x = stack.step(n, x, seed)
+            x = step(n, x, seed, calls)
         return x
 
 
@@ -385,41 +386,45 @@ class Adjoint(GradMode):
             supported = [name for name, cls in INTEGRATORS.items() if cls.shared_vjp_supported]
             raise ValueError(f"adjoint.vjp=shared supports method {', '.join(supported)}; "
                              f"got {stack.integrator.name}")
-        params = [p for p in stack.fast_parameters() if p.requires_grad]
-        return _AdjointFunction.apply(x, self, stack, stack.new_pass_seed(), *params)
+        layout = stack.layout()
+        return _AdjointFunction.apply(x, self, stack, stack.new_pass_seed(layout), layout,
+                                      *layout.parameters)
 
     # ------------------------------------------------------------ the two passes
-    def forward_pass(self, stack, x: torch.Tensor, seed, anchors=()) -> tuple:
+    def forward_pass(self, stack, x: torch.Tensor, seed, anchors=(), layout=None) -> tuple:
         """x_0 -> (x_N, {n: x_n for n in anchors}) without a graph (runs inside
-        ``Function.forward``)."""
+        ``Function.forward``). ``layout``: the pass's ``stack.layout()``, or None."""
         kept = {}
+        call_of = self.callers(stack, seed, layout)
+        integrator, h = stack.integrator, stack.step_size
         for n in range(stack.num_steps):
             if n in anchors:
                 kept[n] = x
-            if self.options.compile:
-                x = stack.integrator.step(self.caller(stack, n, seed), n, x, stack.step_size)
-            else:
-                x = stack.step(n, x, seed)
+            x = integrator.step(call_of(n), n, x, h)
         return x, kept
 
     def backward_pass(self, stack, y: torch.Tensor, g: torch.Tensor, seed, params,
-                      kept: dict | None = None, x0: torch.Tensor | None = None):
+                      kept: dict | None = None, x0: torch.Tensor | None = None, layout=None):
         """From x_N and dL/dx_N to dL/dx_0 and the parameters' gradients.
 
         ``kept``: the anchors {n: x_n} of the forward pass; ``x0``: the input, kept
-        for the self-check only (it changes no gradient)."""
-        grads = _Gradients(stack, params)
+        for the self-check only (it changes no gradient); ``layout``: the pass's
+        ``stack.layout()`` (walked again when None)."""
+        layout = stack.layout() if layout is None else layout
+        grads = _Gradients(stack, params, layout)
         kept = kept or {}
         errors = []
         pending = self._leaf_check.pending(stack)
         segment = self.options.segment_for(y) if self.options.vjp == "exact" else 1
-        with stack.recomputing():
+        call_of = self.callers(stack, seed, layout)
+        with stack.recomputing(layout):
             steps = reversed(range(stack.num_steps))
             if segment > 1:   # every step, K per autograd call
-                y, g = self._segmented(stack, y, g, seed, grads, kept, pending, segment, errors)
+                y, g = self._segmented(stack, y, g, call_of, grads, kept, pending, segment,
+                                       errors)
                 steps = ()
             for n in steps:
-                call = self.caller(stack, n, seed)
+                call = call_of(n)
                 if pending:
                     call = self._leaf_check.checking(call, pending)
                 stored = kept.get(n)
@@ -440,7 +445,7 @@ class Adjoint(GradMode):
             self._escalation.record(stack, error)
         return g, grads.values
 
-    def _segmented(self, stack, y, g, seed, grads, kept, pending, segment, errors):
+    def _segmented(self, stack, y, g, call_of, grads, kept, pending, segment, errors):
         """The exact vjp's backward pass, ``segment`` steps per autograd call.
 
         For a segment of steps lo..hi: rebuild x̃_hi .. x̃_lo from x̃_{hi+1} (an
@@ -457,7 +462,7 @@ class Adjoint(GradMode):
             lo = max(0, hi - segment + 1)
             calls = {}
             for n in range(lo, hi + 1):
-                call = self.caller(stack, n, seed)
+                call = call_of(n)
                 calls[n] = self._leaf_check.checking(call, pending) if pending else call
             states = {hi + 1: y}
             with torch.no_grad():
@@ -507,26 +512,40 @@ class Adjoint(GradMode):
         return step_grads[0]
 
     # ------------------------------------------------------------- evaluation
-    def caller(self, stack, n: int, seed):
+    def caller(self, stack, n: int, seed, functions: list | None = None):
         """``call(i, x)`` for step n: the stack's own, or compiled functions."""
         if not self.options.compile or self._compiled.failed or seed is not None:
-            return stack.caller(n, seed)
+            return stack.caller(n, seed, functions)
         return self._compiled.caller(stack.functions)
+
+    def callers(self, stack, seed, layout=None):
+        """``call_of(n)``: :meth:`caller` for step n, made once for all steps where
+        it does not depend on n (no randomness to replay)."""
+        functions = None if layout is None else layout.calls
+        if seed is None:
+            call = self.caller(stack, 0, None, functions)
+            return lambda n: call
+        return lambda n: self.caller(stack, n, seed, functions)
 
 
 class _Gradients:
     """The adjoint's parameter gradients, accumulated in place, with each step's
     parameters looked up once per function rather than once per step."""
 
-    def __init__(self, stack, params):
+    def __init__(self, stack, params, layout=None):
         self.values: list[torch.Tensor | None] = [None] * len(params)
         self._owned = [False] * len(params)
         self._position = {id(p): k for k, p in enumerate(params)}
         self._stack = stack
         self._of_function: dict[int, list] = {}   # id(module) -> its trainable params
+        # The layout's lists serve as they are when they hold exactly these params.
+        self._lists = (layout.of_function if layout is not None
+                       and list(map(id, layout.parameters)) == list(self._position) else None)
         self.carry = None   # what one backward step hands the next (rev_heun's shared vjp)
 
     def of_function(self, i: int) -> list:
+        if self._lists is not None:
+            return self._lists[i]
         f = self._stack.functions[i]
         found = self._of_function.get(id(f))
         if found is None:
@@ -581,14 +600,14 @@ def _relative_error(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 class _AdjointFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, mode, stack, seed, *params):
-        ctx.mode, ctx.stack, ctx.seed, ctx.params = mode, stack, seed, params
+    def forward(ctx, x, mode, stack, seed, layout, *params):
+        ctx.mode, ctx.stack, ctx.seed, ctx.params, ctx.layout = mode, stack, seed, params, layout
         # Recompute under the same autocast as the forward pass (amp=true).
         device = x.device.type
         ctx.autocast = dict(device_type=device, enabled=torch.is_autocast_enabled(device),
                             dtype=torch.get_autocast_dtype(device))
         # grad is off inside Function.forward
-        y, kept = mode.forward_pass(stack, x, seed, mode.anchors_of(stack))
+        y, kept = mode.forward_pass(stack, x, seed, mode.anchors_of(stack), layout)
         # The activations kept: the output, the anchors, and x_0 for the self-check
         # (an anchor already when there are anchors).
         check = mode.roundtrip and not kept
@@ -607,8 +626,8 @@ class _AdjointFunction(torch.autograd.Function):
         x0 = rest[-1] if ctx.check else None
         with torch.autocast(**ctx.autocast):
             g, grads = ctx.mode.backward_pass(ctx.stack, y, grad_out, ctx.seed, ctx.params,
-                                              kept, x0)
-        return (g, None, None, None, *grads)
+                                              kept, x0, ctx.layout)
+        return (g, None, None, None, None, *grads)
 
 
 GRAD_MODES: dict[str, type[GradMode]] = {"backprop": Backprop, "adjoint": Adjoint}

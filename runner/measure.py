@@ -231,10 +231,10 @@ def _labelled_steps(stacks: list[ResidualStack], meter: SavedTensors) -> Iterato
         return hook
 
     for k, stack in enumerate(stacks):
-        def step(n, x, seed=None, _step=stack.step, _k=k):
+        def step(n, x, seed=None, functions=None, _step=stack.step, _k=k):
             outer, meter.label = meter.label, (_k, n)
             try:
-                return _step(n, x, seed)
+                return _step(n, x, seed, functions)
             finally:
                 meter.label = outer
         stack.step = step   # an instance attribute shadows the method until deleted

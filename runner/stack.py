@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
@@ -9,10 +10,41 @@ from torch import nn
 
 from .gradmodes import GradMode, get_grad_mode
 from .integrators import Integrator, get_integrator
-from .walk import modules_of, parameters_of
+from .walk import compose, hooked, hooks_anywhere, modules_of, parameters_of
 
 _BatchNorm = nn.modules.batchnorm._BatchNorm
 _Dropout = nn.modules.dropout._DropoutNd
+_SEQUENTIAL_FORWARD = nn.Sequential.forward
+
+
+@dataclass
+class Layout:
+    """The structure of a stack as one pass needs it, found in one walk over its
+    modules (at depth 1000, thousands of them: one walk per pass, not one per use).
+
+    Attributes:
+        functions: the residual functions, as a plain list (indexing an
+            ``nn.ModuleList`` costs more than the call it serves at small widths).
+        calls: callables equal to calling the functions, without
+            ``nn.Module.__call__``'s dispatch where it would only call ``forward``
+            (an ``nn.Sequential``'s children composed, each module's ``forward``);
+            a module with hooks, and every module under a global hook or while
+            tracing, is called as it is.
+        parameters: the trainable parameters of the stack, distinct, in
+            ``stack.parameters()`` order.
+        of_function: for each function index, the distinct trainable parameters of
+            that function (tied functions share one list).
+        batchnorms: the functions' BatchNorm modules in training mode that track
+            running statistics (frozen while steps are recomputed).
+        dropout: whether a dropout module of the stack is in training mode.
+    """
+
+    functions: list
+    calls: list
+    parameters: list
+    of_function: list
+    batchnorms: list
+    dropout: bool
 
 
 class ResidualStack(nn.Module):
@@ -82,6 +114,62 @@ class ResidualStack(nn.Module):
         """``list(self.parameters())``, same order, walked without generators."""
         return parameters_of(self)
 
+    def layout(self) -> Layout:
+        """The stack's structure now (see :class:`Layout`), from one walk."""
+        functions = list(self.functions)
+        params, seen = [], set()          # the stack's trainable parameters
+        visited, batchnorms, dropouts = set(), [], []
+        plain = hooks_anywhere()          # then every module is called as it is
+
+        def visit(m, mine: list, ids: set):
+            """Classify m (once), collect its trainable parameters into ``mine``
+            (and the stack's), walk its children; return what evaluates m."""
+            if id(m) not in visited:
+                visited.add(id(m))
+                if isinstance(m, _BatchNorm):
+                    batchnorms.append(m)
+                elif isinstance(m, _Dropout):
+                    dropouts.append(m)
+            for p in m._parameters.values():
+                if p is not None and p.requires_grad and id(p) not in ids:
+                    ids.add(id(p))
+                    mine.append(p)
+                    if id(p) not in seen:
+                        seen.add(id(p))
+                        params.append(p)
+            children = [c for c in m._modules.values() if c is not None]
+            if plain or hooked(m):
+                for c in children:
+                    visit(c, mine, ids)
+                return m
+            if type(m).forward is _SEQUENTIAL_FORWARD:
+                return compose([visit(c, mine, ids) for c in children])
+            for c in children:
+                visit(c, mine, ids)
+            return m.forward
+
+        # The stack's own parameters come first, as in parameters().
+        for p in [*self._parameters.values(), *self.functions._parameters.values()]:
+            if p is not None and p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                params.append(p)
+        visited.update((id(self), id(self.functions)))
+        known: dict[int, tuple] = {}      # id(function) -> (its parameters, its call)
+        of_function, calls = [], []
+        for f in functions:
+            entry = known.get(id(f))
+            if entry is None:
+                mine: list = []
+                entry = known[id(f)] = (mine, visit(f, mine, set()))
+            of_function.append(entry[0])
+            calls.append(entry[1])
+        for name, child in self._modules.items():   # modules a subclass added
+            if name != "functions" and child is not None:
+                visit(child, [], set())
+        return Layout(functions, calls, params, of_function,
+                      [m for m in batchnorms if m.training and m.track_running_stats],
+                      any(m.training for m in dropouts))
+
     @property
     def last_roundtrip_error(self) -> float | None:
         """||x̃_0 - x_0|| / ||x_0|| measured by the adjoint's self-check at the last
@@ -91,18 +179,24 @@ class ResidualStack(nn.Module):
         return None if value is None else float(value)
 
     # ------------------------------------------------- one step, two directions
-    def new_pass_seed(self) -> int | None:
-        """Draw the seed that makes this pass's randomness replayable (or None)."""
+    def new_pass_seed(self, layout: Layout | None = None) -> int | None:
+        """Draw the seed that makes this pass's randomness replayable (or None).
+        ``layout``: the pass's :meth:`layout`, where the caller has one."""
         wanted = self.preserve_rng
-        if wanted is None:
+        if wanted is None and layout is not None:
+            wanted = layout.dropout
+        elif wanted is None:
             wanted = any(isinstance(m, _Dropout) and m.training for m in modules_of(self))
         if not wanted:
             return None
         return int(torch.randint(0, 2**62, (1,)).item())
 
-    def caller(self, n: int, seed: int | None):
-        """``call(i, x)`` for step n: evaluates function i, with replayable RNG."""
-        functions = self.functions
+    def caller(self, n: int, seed: int | None, functions: list | None = None):
+        """``call(i, x)`` for step n: evaluates function i, with replayable RNG.
+        Without a seed the same call serves every step. ``functions``: the
+        functions as a plain list (:attr:`Layout.functions`), where the caller has it."""
+        if functions is None:
+            functions = self.functions
         if seed is None:
             return lambda i, x: functions[i](x)
 
@@ -119,20 +213,26 @@ class ResidualStack(nn.Module):
 
         return call
 
-    def step(self, n: int, x: torch.Tensor, seed: int | None = None) -> torch.Tensor:
-        """x_n -> x_{n+1} (states: see :meth:`Integrator.init_state`)."""
-        return self.integrator.step(self.caller(n, seed), n, x, self.step_size)
+    def step(self, n: int, x: torch.Tensor, seed: int | None = None,
+             functions: list | None = None) -> torch.Tensor:
+        """x_n -> x_{n+1} (states: see :meth:`Integrator.init_state`). ``functions``:
+        what evaluates the functions (:attr:`Layout.calls`), where the caller has it."""
+        return self.integrator.step(self.caller(n, seed, functions), n, x, self.step_size)
 
     def reverse_step(self, n: int, y: torch.Tensor, seed: int | None = None) -> torch.Tensor:
         """x_{n+1} -> approximately x_n, by running the scheme backward."""
         return self.integrator.reverse(self.caller(n, seed), n, y, self.step_size)
 
     @contextlib.contextmanager
-    def recomputing(self) -> Iterator[None]:
+    def recomputing(self, layout: Layout | None = None) -> Iterator[None]:
         """Recompute steps faithfully: BatchNorm stays in training mode and keeps
-        using batch statistics, but its running statistics are not updated again."""
-        frozen = [m for m in modules_of(self.functions)
-                  if isinstance(m, _BatchNorm) and m.training and m.track_running_stats]
+        using batch statistics, but its running statistics are not updated again.
+        ``layout``: the pass's :meth:`layout`, where the caller has one."""
+        if layout is not None:
+            frozen = [m for m in layout.batchnorms if m.training and m.track_running_stats]
+        else:
+            frozen = [m for m in modules_of(self.functions)
+                      if isinstance(m, _BatchNorm) and m.training and m.track_running_stats]
         for m in frozen:
             m.track_running_stats = False   # train mode + no running stats = batch stats only
         try:
