@@ -14,6 +14,7 @@ from .walk import compose, hooked, hooks_anywhere, modules_of, parameters_of
 
 _BatchNorm = nn.modules.batchnorm._BatchNorm
 _Dropout = nn.modules.dropout._DropoutNd
+_SPECIAL = (_BatchNorm, _Dropout)
 _SEQUENTIAL_FORWARD = nn.Sequential.forward
 
 
@@ -118,57 +119,60 @@ class ResidualStack(nn.Module):
         """The stack's structure now (see :class:`Layout`), from one walk."""
         functions = list(self.functions)
         params, seen = [], set()          # the stack's trainable parameters
-        visited, batchnorms, dropouts = set(), [], []
+        special = []                      # BatchNorm and dropout modules (may repeat)
         plain = hooks_anywhere()          # then every module is called as it is
 
-        def visit(m, mine: list, ids: set):
-            """Classify m (once), collect its trainable parameters into ``mine``
-            (and the stack's), walk its children; return what evaluates m."""
-            if id(m) not in visited:
-                visited.add(id(m))
-                if isinstance(m, _BatchNorm):
-                    batchnorms.append(m)
-                elif isinstance(m, _Dropout):
-                    dropouts.append(m)
+        def visit(m, mine: list):
+            """Collect m's trainable parameters into ``mine`` (and the stack's),
+            note it if BatchNorm or dropout, walk its children; return what
+            evaluates m."""
+            if isinstance(m, _SPECIAL):
+                special.append(m)
             for p in m._parameters.values():
-                if p is not None and p.requires_grad and id(p) not in ids:
-                    ids.add(id(p))
+                if p is None or not p.requires_grad:
+                    continue
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    params.append(p)
                     mine.append(p)
-                    if id(p) not in seen:
-                        seen.add(id(p))
-                        params.append(p)
-            children = [c for c in m._modules.values() if c is not None]
+                elif all(q is not p for q in mine):   # met in another function too
+                    mine.append(p)
+            children = m._modules.values()
             if plain or hooked(m):
                 for c in children:
-                    visit(c, mine, ids)
+                    if c is not None:
+                        visit(c, mine)
                 return m
             if type(m).forward is _SEQUENTIAL_FORWARD:
-                return compose([visit(c, mine, ids) for c in children])
+                return compose([visit(c, mine) for c in children if c is not None])
             for c in children:
-                visit(c, mine, ids)
+                if c is not None:
+                    visit(c, mine)
             return m.forward
 
         # The stack's own parameters come first, as in parameters().
+        visit_own: list = []
         for p in [*self._parameters.values(), *self.functions._parameters.values()]:
             if p is not None and p.requires_grad and id(p) not in seen:
                 seen.add(id(p))
                 params.append(p)
-        visited.update((id(self), id(self.functions)))
         known: dict[int, tuple] = {}      # id(function) -> (its parameters, its call)
         of_function, calls = [], []
         for f in functions:
             entry = known.get(id(f))
             if entry is None:
                 mine: list = []
-                entry = known[id(f)] = (mine, visit(f, mine, set()))
+                entry = known[id(f)] = (mine, visit(f, mine))
             of_function.append(entry[0])
             calls.append(entry[1])
         for name, child in self._modules.items():   # modules a subclass added
             if name != "functions" and child is not None:
-                visit(child, [], set())
+                visit(child, visit_own)
+        special = list(dict.fromkeys(special))
         return Layout(functions, calls, params, of_function,
-                      [m for m in batchnorms if m.training and m.track_running_stats],
-                      any(m.training for m in dropouts))
+                      [m for m in special if isinstance(m, _BatchNorm) and m.training
+                       and m.track_running_stats],
+                      any(m.training for m in special if isinstance(m, _Dropout)))
 
     @property
     def last_roundtrip_error(self) -> float | None:
