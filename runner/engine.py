@@ -1,7 +1,6 @@
 """The training loop: one readable function, with hooks called at fixed points."""
 from __future__ import annotations
 
-import functools
 import gc
 import json
 import logging
@@ -26,6 +25,7 @@ from .hooks import build_hooks
 from .hooks.base import Hook
 from .io import append_jsonl, plain, write_json, write_text
 from .models import build_model
+from .optim import build_optimizer
 from .preflight import resolve_device
 from .stack import roundtrip_error
 
@@ -43,23 +43,6 @@ def peak_memory(device: torch.device) -> tuple[int, str]:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device), "cuda_max_memory_allocated"
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process_peak_rss"
-
-
-def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """SGD or Adam, with one fused kernel over all parameter tensors (else the
-    multi-tensor ``foreach`` path): torch's default on CPU loops over the tensors
-    in Python, which at depth 1000 (4,000 tensors) costs a third of a step."""
-    params = list(model.parameters())
-    if cfg.optimizer == "sgd":
-        make = functools.partial(torch.optim.SGD, params, lr=cfg.lr, momentum=cfg.momentum,
-                                 weight_decay=cfg.weight_decay)
-    else:
-        make = functools.partial(torch.optim.Adam, params, lr=cfg.lr,
-                                 weight_decay=cfg.weight_decay)
-    try:
-        return make(fused=True)
-    except (RuntimeError, ValueError):   # a device or dtype the fused kernels do not take
-        return make(foreach=True)
 
 
 def lr_factor(schedule: str, step: int, total: int) -> float:

@@ -15,13 +15,15 @@ import time
 
 import torch
 
-from runner import checkpoint, cli, engine, selection
+from runner import checkpoint, cli, engine, optim, selection
 from runner.hooks.base import Hook
 
 TIMES: dict[str, list[float]] = {}
 
 
-def timed(owner, name: str, key: str) -> None:
+def timed(owner, name: str, key) -> None:
+    """Time every call of ``owner.name`` under ``key`` (a function of the call's
+    arguments for optimizer steps: whose step it is)."""
     f = getattr(owner, name)
 
     @functools.wraps(f)
@@ -30,14 +32,22 @@ def timed(owner, name: str, key: str) -> None:
         try:
             return f(*a, **k)
         finally:
-            TIMES.setdefault(key, []).append(time.perf_counter() - start)
+            TIMES.setdefault(key(*a) if callable(key) else key, []).append(
+                time.perf_counter() - start)
     setattr(owner, name, wrapper)
 
 
+def step_key(optimizer, *args) -> str:
+    """'adam.step', 'sgd.step': the torch optimizer doing the arithmetic."""
+    return f"{type(getattr(optimizer, 'inner', optimizer)).__name__.lower()}.step"
+
+
 for owner, name in [(engine, "evaluate"), (checkpoint, "save"), (selection, "save_best"),
-                    (torch.optim.Adam, "step"), (torch.optim.SGD, "step"),
                     (torch.optim.Optimizer, "zero_grad")]:
-    timed(owner, name, name if owner is not torch.optim.Adam else "adam.step")
+    timed(owner, name, name)
+# The optimizer's whole step: gathering the gradients, then the torch optimizer's
+# step over the flat buffers.
+timed(optim.FlatOptimizer, "step", step_key)
 
 marks, stack_times, hook_times = [], [], []
 
