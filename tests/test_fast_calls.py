@@ -28,6 +28,12 @@ def euler_by_hand(functions, x):
     return x
 
 
+def stack_of(init, depth, mode):
+    torch.manual_seed(0)
+    functions = init(block, depth)
+    return functions, ResidualStack(functions, "euler", MODES[mode]())
+
+
 def run(stack, x):
     x = x.clone().requires_grad_(True)
     out = stack(x)
@@ -37,9 +43,7 @@ def run(stack, x):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_hooks_on_a_function_and_inside_it_still_run(mode):
-    torch.manual_seed(0)
-    functions = init_iid(block, 6)
-    stack = ResidualStack(functions, "euler", MODES[mode]())
+    functions, stack = stack_of(init_iid, 6, mode)
     calls = []
     inner = functions[2][0].register_forward_hook(lambda m, i, o: calls.append("inner") or 2 * o)
     outer = functions[4].register_forward_pre_hook(lambda m, i: calls.append("outer"))
@@ -57,9 +61,7 @@ def test_hooks_on_a_function_and_inside_it_still_run(mode):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_a_global_module_hook_sees_every_call(mode):
-    torch.manual_seed(0)
-    functions = init_tied(block, 4)
-    stack = ResidualStack(functions, "euler", MODES[mode]())
+    functions, stack = stack_of(init_tied, 4, mode)
     seen = []
     handle = nn.modules.module.register_module_forward_hook(
         lambda m, i, o: seen.append(type(m).__name__) if isinstance(m, nn.Linear) else None)
@@ -72,9 +74,7 @@ def test_a_global_module_hook_sees_every_call(mode):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_a_function_changed_between_passes_is_used_and_trained(mode):
-    torch.manual_seed(0)
-    functions = init_iid(block, 5)
-    stack = ResidualStack(functions, "euler", MODES[mode]())
+    functions, stack = stack_of(init_iid, 5, mode)
     x = torch.randn(3, 5, dtype=torch.float64)
     run(stack, x)
     new = nn.Linear(5, 5).double()
