@@ -137,6 +137,12 @@ def train(cfg, hooks: list[Hook] | None = None, *, model: torch.nn.Module | None
         raise RunFailed(f"{e} (run dir: {cfg.out_dir})") from None
     finally:
         gc.unfreeze()   # what _train froze: collectable again
+        if dist.enabled:
+            # DistributedDataParallel's reducer holds the process group and sits in
+            # reference cycles: freed by the interpreter's teardown, gloo's threads can
+            # abort the process ("terminate called without an active exception")
+            # after the run is done. Free it while the interpreter is whole.
+            gc.collect()
         dist.close()
 
 
