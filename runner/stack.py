@@ -24,9 +24,9 @@ class Layout:
     modules (at depth 1000, thousands of them: one walk per pass, not one per use).
 
     Attributes:
-        functions: the residual functions, as a plain list (indexing an
-            ``nn.ModuleList`` costs more than the call it serves at small widths).
-        calls: callables equal to calling the functions, without
+        calls: for each function index, a callable equal to calling the function
+            (a plain list: indexing an ``nn.ModuleList`` costs more than the call
+            it serves at small widths), without
             ``nn.Module.__call__``'s dispatch where it would only call ``forward``
             (an ``nn.Sequential``'s children composed, each module's ``forward``);
             a module with hooks, and every module under a global hook or while
@@ -40,7 +40,6 @@ class Layout:
         dropout: whether a dropout module of the stack is in training mode.
     """
 
-    functions: list
     calls: list
     parameters: list
     of_function: list
@@ -169,7 +168,7 @@ class ResidualStack(nn.Module):
             if name != "functions" and child is not None:
                 visit(child, visit_own)
         special = list(dict.fromkeys(special))
-        return Layout(functions, calls, params, of_function,
+        return Layout(calls, params, of_function,
                       [m for m in special if isinstance(m, _BatchNorm) and m.training
                        and m.track_running_stats],
                       any(m.training for m in special if isinstance(m, _Dropout)))
@@ -197,8 +196,8 @@ class ResidualStack(nn.Module):
 
     def caller(self, n: int, seed: int | None, functions: list | None = None):
         """``call(i, x)`` for step n: evaluates function i, with replayable RNG.
-        Without a seed the same call serves every step. ``functions``: the
-        functions as a plain list (:attr:`Layout.functions`), where the caller has it."""
+        Without a seed the same call serves every step. ``functions``: what
+        evaluates each function (:attr:`Layout.calls`), where the caller has it."""
         if functions is None:
             functions = self.functions
         if seed is None:
