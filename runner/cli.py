@@ -7,6 +7,7 @@ costs one line on stderr and exit code 2, and nothing already written is touched
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import sys
@@ -231,6 +232,7 @@ def validate_overrides(task: str, overrides: list[str], multirun: bool) -> None:
         more_space = [f"{o.key_or_group[len(prefix):]}={_sweep_values(o)[0]}" for o in parsed
                       if o.is_hydra_override() and o.is_sweep_override()
                       and o.key_or_group.startswith(prefix)]
+        intervals = _float_intervals(parsed)   # for a hint when an integer key gets floats
         key, out_dir, jobs = ("hydra.sweep.dir" if multirun else "hydra.run.dir"), None, []
         for combo in _combinations(axes):
             try:
@@ -242,10 +244,12 @@ def validate_overrides(task: str, overrides: list[str], multirun: bool) -> None:
                 out_dir = out_dir or OmegaConf.select(cfg, key, default=None)
             except OmegaConfBaseException:
                 pass   # the dir depends on a value that validate() reports as missing
-            searched = _search_space(cfg) + more_space
+            space = _parse_space(cfg)
+            searched = _search_space(space) + more_space
             with open_dict(cfg):
                 del cfg["hydra"]
-            config.validate(task, cfg)
+            with _float_interval_hint(intervals):
+                config.validate(task, cfg)
             jobs.append(cfg)
             if searched and len(jobs) == 1:   # a sweeper's search space (hparams_search=...)
                 try:
@@ -253,7 +257,8 @@ def validate_overrides(task: str, overrides: list[str], multirun: bool) -> None:
                                                                  *searched])
                 except HydraException as e:
                     raise ConfigError("hydra.sweeper.params: " + _hydra_message(e, searched)) from None
-                config.validate(task, point)
+                with _float_interval_hint({**intervals, **_float_intervals(space)}):
+                    config.validate(task, point)
         module = load_task(task)
         auto = bool(jobs and jobs[0].get("resume") == "auto")
         for cfg in jobs:
@@ -288,9 +293,39 @@ def _sweep_values(o) -> list[str]:
         return [str(value)]
 
 
-def _search_space(cfg) -> list[str]:
-    """hydra.sweeper.params (a sweeper plugin's search space) as overrides of one
-    point of it: each key at its first choice or its interval's start."""
+@contextlib.contextmanager
+def _float_interval_hint(intervals: dict[str, str]):
+    """A key refused as not an integer because ``interval(a, b)`` (which samples
+    floats) gave it its value: say so, and how to sample integers.
+    ``intervals``: key -> its interval, as written."""
+    try:
+        yield
+    except ConfigError as e:
+        message = str(e)
+        key = message.split("=", 1)[0]
+        if "must be an integer" not in message or key not in intervals:
+            raise
+        raise ConfigError(f"{message}; interval() samples floats: for integers write "
+                          f"'{key}=int({intervals[key]})'") from None
+
+
+def _float_intervals(overrides) -> dict[str, str]:
+    """{key: 'interval(a, b)'} for the parsed overrides that sample floats from an
+    interval (no ``int(...)`` around it); ``hydra.sweeper.params.`` keys unprefixed."""
+    from hydra.core.override_parser.types import IntervalSweep
+
+    out = {}
+    for o in overrides:
+        value = o.value() if o.is_sweep_override() else None
+        if isinstance(value, IntervalSweep) and any(isinstance(v, float)
+                                                    for v in (value.start, value.end)):
+            key = o.get_key_element().removeprefix("hydra.sweeper.params.")
+            out[key] = f"interval({value.start:g}, {value.end:g})"
+    return out
+
+
+def _parse_space(cfg) -> list:
+    """hydra.sweeper.params (a sweeper plugin's search space), parsed as overrides."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
 
@@ -299,11 +334,16 @@ def _search_space(cfg) -> list[str]:
         return []
     words = [f"{k}={v}" for k, v in params.items()]
     try:
-        parsed = OverridesParser.create().parse_overrides(words)
+        return OverridesParser.create().parse_overrides(words)
     except Exception as e:
         raise ConfigError(f"hydra.sweeper.params: {str(e).strip().splitlines()[0]}") from None
+
+
+def _search_space(space: list) -> list[str]:
+    """A search space (:func:`_parse_space`) as overrides of one point of it: each
+    key at its first choice or its interval's start."""
     return [f"{o.get_key_element()}={_sweep_values(o)[0]}" if o.is_sweep_override()
-            else o.input_line for o in parsed]
+            else o.input_line for o in space]
 
 
 def _combinations(axes: list[list[str]]):

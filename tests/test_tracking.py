@@ -186,4 +186,8 @@ def test_sweeper_syntax_is_validated(rode_cli, tmp_path):
     assert r.code == 2 and "unknown key 'nope'" in r.err
     r = rode_cli("-m", "train", "hparams_search=optuna", "method=choice(euler,bogus)", sweep)
     assert r.code == 2 and "bogus" in r.err
+    for space in ["depth=interval(4,8)", "hydra.sweeper.params.depth=interval(4,8)"]:
+        r = rode_cli("-m", "train", "hparams_search=optuna", space, sweep)
+        assert r.code == 2 and len(r.err.splitlines()) == 1
+        assert "must be an integer" in r.err and "'depth=int(interval(4, 8))'" in r.err
     assert not (tmp_path / "s").exists()
