@@ -10,7 +10,7 @@ from torch import nn
 
 from .gradmodes import GradMode, get_grad_mode
 from .integrators import Integrator, get_integrator
-from .walk import compose, hooked, hooks_anywhere, modules_of, parameters_of
+from .walk import compose, hooked, hooks_anywhere, modules_of
 
 _BatchNorm = nn.modules.batchnorm._BatchNorm
 _Dropout = nn.modules.dropout._DropoutNd
@@ -35,8 +35,7 @@ class Layout:
             ``stack.parameters()`` order.
         of_function: for each function index, the distinct trainable parameters of
             that function (tied functions share one list).
-        batchnorms: the functions' BatchNorm modules in training mode that track
-            running statistics (frozen while steps are recomputed).
+        batchnorms: the functions' BatchNorm modules (see :meth:`recomputing`).
         dropout: whether a dropout module of the stack is in training mode.
     """
 
@@ -110,10 +109,6 @@ class ResidualStack(nn.Module):
         integrator = self.integrator
         return integrator.output(self.grad_mode(self, integrator.init_state(x)))
 
-    def fast_parameters(self) -> list[nn.Parameter]:
-        """``list(self.parameters())``, same order, walked without generators."""
-        return parameters_of(self)
-
     def layout(self) -> Layout:
         """The stack's structure now (see :class:`Layout`), from one walk."""
         functions = list(self.functions)
@@ -150,7 +145,6 @@ class ResidualStack(nn.Module):
             return m.forward
 
         # The stack's own parameters come first, as in parameters().
-        visit_own: list = []
         for p in [*self._parameters.values(), *self.functions._parameters.values()]:
             if p is not None and p.requires_grad and id(p) not in seen:
                 seen.add(id(p))
@@ -164,13 +158,11 @@ class ResidualStack(nn.Module):
                 entry = known[id(f)] = (mine, visit(f, mine))
             of_function.append(entry[0])
             calls.append(entry[1])
+        batchnorms = [m for m in dict.fromkeys(special) if isinstance(m, _BatchNorm)]
         for name, child in self._modules.items():   # modules a subclass added
             if name != "functions" and child is not None:
-                visit(child, visit_own)
-        special = list(dict.fromkeys(special))
-        return Layout(calls, params, of_function,
-                      [m for m in special if isinstance(m, _BatchNorm) and m.training
-                       and m.track_running_stats],
+                visit(child, [])
+        return Layout(calls, params, of_function, batchnorms,
                       any(m.training for m in special if isinstance(m, _Dropout)))
 
     @property
@@ -186,10 +178,9 @@ class ResidualStack(nn.Module):
         """Draw the seed that makes this pass's randomness replayable (or None).
         ``layout``: the pass's :meth:`layout`, where the caller has one."""
         wanted = self.preserve_rng
-        if wanted is None and layout is not None:
-            wanted = layout.dropout
-        elif wanted is None:
-            wanted = any(isinstance(m, _Dropout) and m.training for m in modules_of(self))
+        if wanted is None:
+            wanted = layout.dropout if layout is not None else any(
+                isinstance(m, _Dropout) and m.training for m in modules_of(self))
         if not wanted:
             return None
         return int(torch.randint(0, 2**62, (1,)).item())
@@ -231,11 +222,9 @@ class ResidualStack(nn.Module):
         """Recompute steps faithfully: BatchNorm stays in training mode and keeps
         using batch statistics, but its running statistics are not updated again.
         ``layout``: the pass's :meth:`layout`, where the caller has one."""
-        if layout is not None:
-            frozen = [m for m in layout.batchnorms if m.training and m.track_running_stats]
-        else:
-            frozen = [m for m in modules_of(self.functions)
-                      if isinstance(m, _BatchNorm) and m.training and m.track_running_stats]
+        batchnorms = layout.batchnorms if layout is not None else [
+            m for m in modules_of(self.functions) if isinstance(m, _BatchNorm)]
+        frozen = [m for m in batchnorms if m.training and m.track_running_stats]
         for m in frozen:
             m.track_running_stats = False   # train mode + no running stats = batch stats only
         try:

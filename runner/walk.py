@@ -37,7 +37,6 @@ def parameters_of(module: nn.Module) -> list[nn.Parameter]:
     return out
 
 
-
 def hooked(module: nn.Module) -> bool:
     """Whether calling ``module`` does more than call its ``forward``: it has a
     hook, or was compiled with ``module.compile()``."""
