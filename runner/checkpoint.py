@@ -92,8 +92,29 @@ def _alive(pid: int) -> bool:
 
 
 def load(value, key: str = "checkpoint") -> dict:
-    """Load a rode checkpoint on the CPU, or raise ConfigError saying why it is not one."""
+    """Load a rode checkpoint on the CPU, or raise ConfigError saying why it is not one.
+    Read and checksummed once per process per file version; callers share the dict
+    (and must not change it)."""
     path = locate(value, key)
+    stat = path.stat()
+    seen = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    if seen in _LOADED:   # validation, resume=auto and the run share one read
+        return _LOADED[seen]
+    ckpt = _read(path, value, key)
+    _LOADED[seen] = ckpt
+    while len(_LOADED) > _KEEP:
+        _LOADED.pop(next(iter(_LOADED)))
+    return ckpt
+
+
+# Checkpoints this process has read and verified, by (path, mtime, size): a changed
+# file is read again. A few only: a sweep resumes its jobs one after another.
+_LOADED: dict[tuple, dict] = {}
+_KEEP = 2
+
+
+def _read(path: Path, value, key: str) -> dict:
+    """Read and verify one checkpoint file (its sha256 too)."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:   # torch.load raises many types for a file that is not a checkpoint

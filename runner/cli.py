@@ -12,7 +12,7 @@ import itertools
 import os
 import sys
 
-from . import config, rundir
+from . import config, once, rundir
 from .errors import ConfigError, Interrupted, RodeError, RunFailed
 from .schema import TASK_SCHEMAS
 from .tasks import TASKS, load_task
@@ -125,10 +125,9 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def validate(task: str, module, cfg) -> None:
-    """Every check of a job's config: schema and rules (torch-free), then the task's own."""
-    config.validate(task, cfg)
-    if hasattr(module, "validate"):
-        module.validate(cfg)
+    """Every check of a job's config: schema and rules (torch-free), then the task's own
+    (its environment). ``module``: the task's module (kept for callers; the stages find it)."""
+    config.validate(task, cfg, environment=True)
 
 
 class _StopRequested(BaseException):
@@ -165,7 +164,9 @@ def _run_hydra_app(task: str, argv: list[str]) -> None:
     def app(cfg):
         module = load_task(task)   # here: `rode <task> --help` need not import torch
         try:
-            validate(task, module, cfg)
+            # Only the stages the pre-flight did not already pass for this job's config
+            # (a point a sweeper sampled, a job on another machine: every stage).
+            config.validate(task, cfg, environment=True, skip=once.passed(once.job_key(task, cfg)))
             result = module.run(cfg)
             # A sweeper (hparams_search=optuna) optimises what the app returns.
             objective = getattr(module, "objective", None)
@@ -210,6 +211,7 @@ def validate_overrides(task: str, overrides: list[str], multirun: bool) -> None:
     from omegaconf.errors import OmegaConfBaseException
 
     GlobalHydra.instance().clear()
+    once.forget()
     with initialize_config_module("runner.conf", version_base="1.3"):
         try:
             parsed = OverridesParser.create().parse_overrides(overrides)
@@ -234,6 +236,7 @@ def validate_overrides(task: str, overrides: list[str], multirun: bool) -> None:
                       and o.key_or_group.startswith(prefix)]
         intervals = _float_intervals(parsed)   # for a hint when an integer key gets floats
         key, out_dir, jobs = ("hydra.sweep.dir" if multirun else "hydra.run.dir"), None, []
+        keys: list[str] = []   # each job's runner.once key, taken before anything changes it
         for combo in _combinations(axes):
             try:
                 cfg = compose(config_name=task, overrides=[*combo, *hydra_overrides],
@@ -249,7 +252,9 @@ def validate_overrides(task: str, overrides: list[str], multirun: bool) -> None:
             with open_dict(cfg):
                 del cfg["hydra"]
             with _float_interval_hint(intervals):
-                config.validate(task, cfg)
+                stages = config.validate(task, cfg)
+            keys.append(once.job_key(task, cfg))
+            once.record(keys[-1], stages)
             jobs.append(cfg)
             if searched and len(jobs) == 1:   # a sweeper's search space (hparams_search=...)
                 try:
@@ -259,13 +264,12 @@ def validate_overrides(task: str, overrides: list[str], multirun: bool) -> None:
                     raise ConfigError("hydra.sweeper.params: " + _hydra_message(e, searched)) from None
                 with _float_interval_hint({**intervals, **_float_intervals(space)}):
                     config.validate(task, point)
-        module = load_task(task)
         auto = bool(jobs and jobs[0].get("resume") == "auto")
-        for cfg in jobs:
+        for job_key, cfg in zip(keys, jobs):
             if auto and not multirun and out_dir is not None:
                 cfg.out_dir = out_dir   # resume=auto checks the checkpoint there, if any
-            if hasattr(module, "validate"):
-                module.validate(cfg)
+            once.record(job_key, config.validate(task, cfg, environment=True,
+                                                 skip=once.passed(job_key)))
         if out_dir is not None:   # last: a bad value elsewhere creates nothing
             config.check_writable_dir(out_dir, key)
             resuming = bool(jobs and jobs[0].get("resume")) and not auto

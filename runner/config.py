@@ -4,7 +4,8 @@
 is written. Types, ranges and choices come from ``runner.schema`` (one spec per
 key); the cross-field rules of every task are here, each written once. Neither
 imports torch: checks that need it (a CUDA device, a checkpoint's weights, a
-dataset's files) are each task module's ``validate(cfg)``, which runs after these.
+dataset's files) are the third stage, each task module's ``validate(cfg)``, which
+``validate(task, cfg, environment=True)`` runs after these (see ``runner.once``).
 """
 from __future__ import annotations
 
@@ -48,7 +49,8 @@ def check_image_data(cfg) -> None:
                           f"gives shape {list(cfg.dataset.shape)} (set dataset.shape=[C,H,W])")
 
 
-def check_dataset(cfg) -> None:
+def check_dataset_values(cfg) -> None:
+    """The dataset's keys that tie together (its files are ``vision.check_dataset_files``)."""
     d = cfg.dataset
     if d.name == "synthetic":
         if len(d.shape) not in (1, 3):
@@ -86,7 +88,7 @@ def env_world_size() -> int:
 def _stack_model(cfg) -> None:
     check_depths(cfg.depth, [cfg.method], "depth")
     check_image_data(cfg)
-    check_dataset(cfg)
+    check_dataset_values(cfg)
 
 
 # logger -> the module its package provides (checked without importing it)
@@ -117,7 +119,7 @@ def _train(cfg) -> None:
 def _memory(cfg) -> None:
     check_depths(cfg.depths, [cfg.method], "depths")
     check_image_data(cfg)
-    check_dataset(cfg)
+    check_dataset_values(cfg)
 
 
 def _bench(cfg) -> None:
@@ -147,12 +149,29 @@ RULES = {"train": _train, "finetune": check_tracking, "memory": _memory, "bench"
          "discretization": _discretization, "gradcheck": _gradcheck}
 
 
-def validate(task: str, cfg) -> None:
-    """The schema of ``task``, then its cross-field rules: ConfigError on the first bad value."""
-    check_config(task, cfg)
+def validate(task: str, cfg, environment: bool = False, skip=frozenset()) -> tuple[str, ...]:
+    """The checks of a job's config in their three stages (``runner.once.STAGES``): the
+    schema of ``task``, its cross-field rules, and (``environment=True``) the task
+    module's ``validate`` (files, devices, checkpoints; imports torch). ConfigError on
+    the first bad value. Stages in ``skip`` (already passed for this config) are left
+    out; returns the stages that ran."""
+    ran = []
+    if "schema" not in skip:
+        check_config(task, cfg)
+        ran.append("schema")
     rule = RULES.get(task)
-    if rule is not None:
-        rule(cfg)
+    if "rules" not in skip:
+        if rule is not None:
+            rule(cfg)
+        ran.append("rules")
+    if environment and "environment" not in skip:
+        from .tasks import load_task   # torch: only for this stage
+
+        module = load_task(task)
+        if hasattr(module, "validate"):
+            module.validate(cfg)
+        ran.append("environment")
+    return tuple(ran)
 
 
 # ------------------------------------------------------------------ paths

@@ -89,7 +89,7 @@ def missing_files(name: str, root: Path) -> list[Path]:
     return missing
 
 
-def check_dataset(cfg) -> None:
+def check_dataset_files(cfg) -> None:
     """An image dataset's files, unless they will be downloaded (its keys' types and
     ranges are the schema's). cfg: the ``dataset`` node. Other datasets pass through."""
     if cfg.name not in SOURCES:
@@ -147,7 +147,7 @@ class CIFAR(Dataset):
 
 
 def _cifar(cfg, name: str) -> tuple[Dataset, Dataset]:
-    check_dataset(cfg)
+    check_dataset_files(cfg)
     src, root = SOURCES[name], root_of(cfg)
     if cfg.download:
         _download(name, root)
@@ -169,7 +169,7 @@ def _cifar(cfg, name: str) -> tuple[Dataset, Dataset]:
 def _mnist(cfg, name: str) -> tuple[Dataset, Dataset]:
     from torchvision import datasets
 
-    check_dataset(cfg)
+    check_dataset_files(cfg)
     src, root = SOURCES[name], root_of(cfg)
     if cfg.download:
         _download(name, root)
@@ -190,7 +190,7 @@ def _mnist(cfg, name: str) -> tuple[Dataset, Dataset]:
 def _imagenet(cfg) -> tuple[Dataset, Dataset]:
     from torchvision import datasets
 
-    check_dataset(cfg)
+    check_dataset_files(cfg)
     src, root = SOURCES["imagenet"], root_of(cfg)
     augment = bool(cfg.get("augment", True))
     train = datasets.ImageFolder(str(root / "train"), _transforms(src, True, augment, cfg))

@@ -35,7 +35,7 @@ from ..reporting import Job, fmt, table
 from ..schema import METHODS
 from ..selection import objective  # noqa: F401  (what a sweeper optimises; cli calls it)
 from ..stack import ResidualStack
-from ..vision import check_dataset
+from ..vision import check_dataset_files
 
 log = logging.getLogger("rode")
 
@@ -194,7 +194,7 @@ def validate(cfg) -> None:
     depths = new_depths(cfg, old)
     method = ckpt["config"].get("method", "euler")
     check_depths(depths, [method if method in METHODS else "euler"], "depth")
-    check_dataset(job_config(cfg, ckpt["config"], depths).dataset)
+    check_dataset_files(job_config(cfg, ckpt["config"], depths).dataset)
 
 
 def run(cfg) -> dict:

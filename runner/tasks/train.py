@@ -20,7 +20,7 @@ from ..reporting import Job, depth_of, factors, num, series_label, table
 from ..resnet import check_resnet_config
 from ..rundir import RESUME_KEYS, locate
 from ..selection import objective  # noqa: F401  (what a sweeper optimises; cli calls it)
-from ..vision import check_dataset
+from ..vision import check_dataset_files
 
 log = logging.getLogger("rode")
 
@@ -36,7 +36,7 @@ def validate(cfg) -> None:
     check_amp(cfg)
     if cfg.model.name == "resnet":
         check_resnet_config(cfg)
-    check_dataset(cfg.dataset)
+    check_dataset_files(cfg.dataset)
 
 
 def validate_resume(cfg) -> None:
