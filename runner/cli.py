@@ -265,7 +265,7 @@ def validate_overrides(task: str, overrides: list[str], multirun: bool) -> None:
                 with _float_interval_hint({**intervals, **_float_intervals(space)}):
                     config.validate(task, point)
         auto = bool(jobs and jobs[0].get("resume") == "auto")
-        for job_key, cfg in zip(keys, jobs):
+        for job_key, cfg in zip(keys, jobs, strict=True):
             if auto and not multirun and out_dir is not None:
                 cfg.out_dir = out_dir   # resume=auto checks the checkpoint there, if any
             once.record(job_key, config.validate(task, cfg, environment=True,

@@ -16,7 +16,8 @@ import tempfile
 from pathlib import Path
 
 from .errors import ConfigError
-from .schema import IMAGE_MODELS, MAX_DEPTH, METHODS, check_config, to_list
+from .names import IMAGE_MODELS, LOGGERS, METHODS
+from .schema import MAX_DEPTH, check_config, to_list
 
 
 def as_list(cfg, key: str) -> list:
@@ -91,14 +92,10 @@ def _stack_model(cfg) -> None:
     check_dataset_values(cfg)
 
 
-# logger -> the module its package provides (checked without importing it)
-LOGGER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
-
-
 def check_tracking(cfg) -> None:
     """A logger needs its package; a validation monitor needs a validation split."""
-    missing = [n for n in (cfg.get("logger") or {}) if n in LOGGER_MODULES
-               and importlib.util.find_spec(LOGGER_MODULES[n]) is None]
+    missing = [n for n in (cfg.get("logger") or {}) if n in LOGGERS
+               and importlib.util.find_spec(LOGGERS[n]) is None]
     if missing:
         raise ConfigError(f"logger={','.join(missing)} needs its package: "
                           f"pip install 'rode[tracking]'")
@@ -165,7 +162,7 @@ def validate(task: str, cfg, environment: bool = False, skip=frozenset()) -> tup
             rule(cfg)
         ran.append("rules")
     if environment and "environment" not in skip:
-        from .tasks import load_task   # torch: only for this stage
+        from .tasks import load_task  # torch: only for this stage
 
         module = load_task(task)
         if hasattr(module, "validate"):

@@ -33,6 +33,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from . import names
 from .gradmodes import Adjoint
 from .integrators import get_integrator
 from .stack import ResidualStack
@@ -262,3 +263,4 @@ CONTENDERS: dict[str, Contender] = {c.name: c for c in [
     PlainContender(), BackpropContender(), AdjointContender("exact"), AdjointContender("shared"),
     CheckpointContender(), TorchdiffeqContender(), MemcnnContender(),
 ]}
+names.agree(CONTENDERS, names.CONTENDERS, "CONTENDERS")

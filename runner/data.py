@@ -7,6 +7,7 @@ from typing import Callable
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from . import names
 from .databundle import DataBundle
 from .vision import VISION_DATASETS
 
@@ -49,6 +50,7 @@ def synthetic(cfg) -> DataBundle:
 
 DATASETS: dict[str, Callable[..., DataBundle]] = {"digits": digits, "synthetic": synthetic,
                                                   **VISION_DATASETS}
+names.agree(DATASETS, names.DATASETS, "DATASETS")
 
 
 def build_dataset(cfg) -> DataBundle:

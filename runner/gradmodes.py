@@ -17,9 +17,11 @@ from typing import ClassVar
 
 import torch
 
+from . import names
 from .errors import ConfigError
 from .integrators import INTEGRATORS
 from .integrators import vjp as _vjp
+from .schema import ADJOINT, check_values
 from .walk import parameters_of
 
 log = logging.getLogger("rode")
@@ -60,10 +62,6 @@ class Backprop(GradMode):
 
 
 # ------------------------------------------------------------------ options
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 @dataclass(frozen=True)
 class AdjointOptions:
     """The options of :class:`Adjoint` (documented there), checked when made.
@@ -77,35 +75,19 @@ class AdjointOptions:
     max_roundtrip: float | None = None
     segment: int | None = None
 
-    VJPS: ClassVar[tuple[str, ...]] = ("exact", "shared")
+    VJPS: ClassVar[tuple[str, ...]] = names.VJPS
 
     def __post_init__(self):
-        vjp, anchor_every, max_roundtrip = self.vjp, self.anchor_every, self.max_roundtrip
-        if vjp not in self.VJPS:
-            raise GradModeOptionError(f"adjoint.vjp={vjp!r} is not a valid choice; choose from "
-                                      f"{', '.join(self.VJPS)}")
-        if not isinstance(self.compile, bool):
-            raise GradModeOptionError(f"adjoint.compile={self.compile!r} must be true or false")
-        if anchor_every is not None and (not _is_number(anchor_every) or anchor_every < 1
-                                         or not float(anchor_every).is_integer()):
-            raise GradModeOptionError(f"adjoint.anchor_every={anchor_every!r} must be an integer "
-                                      ">= 1, or null (no anchors: the paper's adjoint)")
-        if not isinstance(self.roundtrip, bool):
-            raise GradModeOptionError(f"adjoint.roundtrip={self.roundtrip!r} must be true or false")
-        if max_roundtrip is not None and (not _is_number(max_roundtrip) or not max_roundtrip > 0):
-            raise GradModeOptionError(f"adjoint.max_roundtrip={max_roundtrip!r} must be a number "
-                                      "> 0, or null (no tolerance)")
-        segment = self.segment
-        if segment is not None and (not _is_number(segment) or segment < 1
-                                    or not float(segment).is_integer()):
-            raise GradModeOptionError(f"adjoint.segment={segment!r} must be an integer >= 1, "
-                                      "or null (chosen from the state's size)")
-        if segment is not None:
-            object.__setattr__(self, "segment", int(segment))
-        if anchor_every is not None:
-            object.__setattr__(self, "anchor_every", int(anchor_every))
-        if max_roundtrip is not None:
-            object.__setattr__(self, "max_roundtrip", float(max_roundtrip))
+        # One definition of the options: the config schema's ``adjoint`` group.
+        try:
+            values = check_values(ADJOINT, {k: getattr(self, k) for k in (
+                "vjp", "compile", "anchor_every", "roundtrip", "max_roundtrip", "segment")},
+                "adjoint", whole=True)
+        except ConfigError as e:
+            raise GradModeOptionError(str(e)) from None
+        for key, value in values.items():
+            object.__setattr__(self, key, value)
+        if self.max_roundtrip is not None:
             object.__setattr__(self, "roundtrip", True)
 
     def changed(self) -> list[str]:
@@ -631,6 +613,7 @@ class _AdjointFunction(torch.autograd.Function):
 
 
 GRAD_MODES: dict[str, type[GradMode]] = {"backprop": Backprop, "adjoint": Adjoint}
+names.agree(GRAD_MODES, names.GRADS, "GRAD_MODES")
 
 
 def get_grad_mode(grad, **options) -> GradMode:

@@ -9,6 +9,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from . import names
+
 
 def _last_layer(block: nn.Module) -> nn.Module:
     layers = [m for m in block.modules() if any(True for _ in m.parameters(recurse=False))]
@@ -67,3 +69,4 @@ def init_tied(make: Callable[[], nn.Module], depth: int) -> list[nn.Module]:
 INITS: dict[str, Callable[[Callable[[], nn.Module], int], list[nn.Module]]] = {
     "smooth": init_smooth, "iid": init_iid, "zero": init_zero, "tied": init_tied,
 }
+names.agree(INITS, names.INITS, "INITS")

@@ -16,6 +16,8 @@ from typing import Callable
 
 import torch
 
+from . import names
+
 Call = Callable[[int, torch.Tensor], torch.Tensor]
 
 _ENGINE = torch.autograd.Variable._execution_engine
@@ -350,6 +352,9 @@ class Momentum(Integrator):
 
 INTEGRATORS: dict[str, type[Integrator]] = {"euler": Euler, "heun": Heun,
                                             "rev_heun": ReversibleHeun, "momentum": Momentum}
+names.agree(INTEGRATORS, names.METHODS, "INTEGRATORS")
+names.agree({n: c.min_functions for n, c in INTEGRATORS.items()}.items(), names.METHODS.items(),
+            "INTEGRATORS' fewest functions (names.METHODS' values)")
 
 
 def get_integrator(method: str | Integrator, **options) -> Integrator:

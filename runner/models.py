@@ -6,19 +6,23 @@ from typing import Callable, Sequence
 
 from torch import nn
 
+from . import names
 from .gradmodes import get_grad_mode
 from .inits import INITS
 from .integrators import get_integrator
 from .resnet import build_resnet
 from .stack import ResidualStack
 
-
 # ------------------------------------------------------------ residual functions
+ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
+names.agree(ACTIVATIONS, names.ACTIVATIONS, "ACTIVATIONS")
+
+
 class MLPBlock(nn.Sequential):
     """f(x) = W2 σ(W1 x + b1) + b2."""
 
     def __init__(self, width: int, hidden: int, activation: str = "relu"):
-        act = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}[activation]
+        act = ACTIVATIONS[activation]
         super().__init__(nn.Linear(width, hidden), act(), nn.Linear(hidden, width))
 
 
@@ -72,6 +76,7 @@ def build_conv(input_shape: Sequence[int], num_classes: int, *, depth: int, widt
 
 MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": build_mlp, "conv": build_conv,
                                                "resnet": build_resnet}
+names.agree(MODELS, names.MODELS, "MODELS")
 
 
 def build_model(cfg, input_shape, num_classes) -> nn.Module:

@@ -21,6 +21,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from . import names
 from .errors import ConfigError
 from .inits import INITS
 from .integrators import INTEGRATORS
@@ -36,7 +37,8 @@ ARCHS: dict[str, tuple[str, tuple[int, int, int, int]]] = {
     "resnet101": ("bottleneck", (3, 4, 23, 3)),
     "resnet152": ("bottleneck", (3, 8, 36, 3)),
 }
-STEMS = ("imagenet", "cifar")
+STEMS = names.STEMS
+names.agree(ARCHS, names.ARCHS, "ARCHS")
 
 
 # ------------------------------------------------------- residual functions

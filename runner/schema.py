@@ -8,40 +8,30 @@ not a hand-written check. Rules that tie several keys together live in
 refused before torch would load.
 
 The choices of registry-backed keys (methods, grad modes, inits, models,
-datasets, hooks, contenders) are listed here by name; a test holds each list
-equal to its registry (``INTEGRATORS``, ``GRAD_MODES``, ...).
+datasets, hooks, contenders, ...) come from ``runner.names``, the one list of each
+registry's names, which each registry checks its own keys against at import.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from omegaconf import OmegaConf
 
+from . import names
 from .errors import ConfigError
 
 MAX_DEPTH = 100_000
 MAX_SEED = 2**32 - 1          # numpy's seeds are 32-bit
 MAX_WIDTH = 65_536
 
-# Registry names (a test checks each against its registry).
-METHODS = {"euler": 1, "heun": 2, "rev_heun": 2, "momentum": 1}   # name -> fewest functions
-GRADS = ("backprop", "adjoint")
-INITS = ("smooth", "iid", "zero", "tied")
-MODELS = ("mlp", "conv", "resnet")
-IMAGE_MODELS = ("conv", "resnet")
-DATASETS = ("digits", "synthetic", "mnist", "fashion_mnist", "cifar10", "cifar100", "imagenet")
-HOOKS = ("grad_error", "memory", "recon", "smoothness")
-CONTENDERS = ("plain", "backprop", "adjoint", "adjoint_shared", "checkpoint", "torchdiffeq", "memcnn")
-ACTIVATIONS = ("relu", "tanh", "gelu")
-ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
-STEMS = ("imagenet", "cifar")
-DEVICES = ("cpu", "cuda", "auto")
-OPTIMIZERS = ("sgd", "adam")
-SCHEDULES = ("constant", "step", "cosine")
-VJPS = ("exact", "shared")
-MONITORS = ("val_acc", "val_loss", "train_loss")        # runner.selection.MONITORS
-LOGGERS = ("tensorboard", "wandb", "mlflow")           # runner.tracking.BACKENDS
+# Registry names: one list each, in runner.names (each registry checks its keys against it).
+ACTIVATIONS, ARCHS, CONTENDERS, DATASETS, DEVICES = (names.ACTIVATIONS, names.ARCHS, names.CONTENDERS,
+                                                     names.DATASETS, names.DEVICES)
+GRADS, HOOKS, IMAGE_MODELS, INITS, METHODS = (names.GRADS, names.HOOKS, names.IMAGE_MODELS, names.INITS,
+                                              names.METHODS)
+MODELS, MONITORS, OPTIMIZERS, SCHEDULES, STEMS, VJPS = (names.MODELS, names.MONITORS, names.OPTIMIZERS,
+                                                        names.SCHEDULES, names.STEMS, names.VJPS)
 
 
 # ------------------------------------------------------------------ specs
@@ -99,11 +89,15 @@ def _show(value) -> str:
 class Int(Spec):
     low: int | None = None
     high: int | None = 10**9      # every count has a ceiling: 1e23 is a typo, not a request
+    whole: bool = field(default=False, kw_only=True)   # a whole float (8.0) counts, as 8
 
     def expected(self) -> str:
         return "an integer" + _range(self.low, self.high)
 
     def convert(self, key, value):
+        if (self.whole and isinstance(value, float) and math.isfinite(value)
+                and value.is_integer()):
+            value = int(value)
         if not _is_int(value):
             self.fail(key, value)
         if (self.low is not None and value < self.low) or (self.high is not None and value > self.high):
@@ -383,6 +377,21 @@ ADJOINT = Group(fields={
     "segment": Int(1, null=True, required=False,
                    why=" (vjp=exact: steps per autograd call; null: from the state's size)"),
 })
+
+
+def check_values(schema: Group, values: dict, prefix: str, whole: bool = False) -> dict:
+    """The given ``values`` of a group (a library call's keyword arguments) checked
+    against its specs, as a config's would be; returns them converted (ints, floats).
+    ``whole``: whole-number floats (8.0) count as integers."""
+    out = {}
+    for key, value in values.items():
+        spec = schema.fields[key]
+        if whole and isinstance(spec, Int):
+            spec = replace(spec, whole=True)
+        out[key] = spec.check(f"{prefix}.{key}", value)
+    return out
+
+
 _HOOK = {"every": Int(0, why=" (0: off)")}
 HOOK_SCHEMA = Hooks(hooks={
     "grad_error": Group(fields={**_HOOK, "batch": Int(1, required=False)}),

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch.utils.data import Subset
 
-from . import checkpoint
+from . import checkpoint, names
 from .databundle import DataBundle
 
 BEST = "best.pt"
@@ -22,7 +22,8 @@ BEST = "best.pt"
 # runs are then compared on the same held-out data.
 VAL_SPLIT_SEED = 0
 # monitor -> True when larger is better
-MONITORS = {"val_acc": True, "val_loss": False, "train_loss": False}
+MONITORS = {"val_acc": True, "val_loss": False, "train_loss": False}   # name -> higher is better
+names.agree(MONITORS, names.MONITORS, "MONITORS")
 
 
 def split_validation(data: DataBundle, fraction: float, seed: int = VAL_SPLIT_SEED) -> DataBundle:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from . import names
 from .io import flatten
 
 
@@ -170,6 +171,7 @@ class MLflow:
 
 
 BACKENDS = {"tensorboard": TensorBoard, "wandb": WandB, "mlflow": MLflow}
+names.agree(BACKENDS, names.LOGGERS, "BACKENDS")
 
 
 def default_store(out_dir: Path) -> Path:

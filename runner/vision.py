@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Subset
 
+from . import names
 from .databundle import DataBundle
 from .errors import ConfigError, RunFailed
 
@@ -260,3 +261,5 @@ def imagenet(cfg) -> DataBundle:
 
 VISION_DATASETS = {"mnist": mnist, "fashion_mnist": fashion_mnist, "cifar10": cifar10,
                    "cifar100": cifar100, "imagenet": imagenet}
+names.agree(VISION_DATASETS, names.IMAGE_DATASETS, "VISION_DATASETS")
+names.agree(SOURCES, names.IMAGE_DATASETS, "SOURCES")

@@ -10,15 +10,17 @@ import yaml
 from omegaconf import OmegaConf, open_dict
 from torch import nn
 
-from runner import ResidualStack, schema
+from runner import ResidualStack, names, schema
 from runner.contenders import CONTENDERS
 from runner.data import DATASETS
 from runner.gradmodes import GRAD_MODES
 from runner.hooks import HOOKS
 from runner.inits import INITS
 from runner.integrators import INTEGRATORS
-from runner.models import MODELS
+from runner.models import ACTIVATIONS, MODELS
+from runner.selection import MONITORS
 from runner.tasks import TASKS
+from runner.tracking import BACKENDS
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -98,17 +100,23 @@ def conf_options(group: str) -> set[str]:
     return {p.stem for p in (CONF / group).glob("*.yaml")}
 
 
-def test_the_schema_names_every_registry_entry():
-    """The torch-free schema lists the registries' names (to refuse bad input before torch
-    loads); each list must equal its registry, and config groups must have one file each."""
-    assert schema.METHODS == {name: cls.min_functions for name, cls in INTEGRATORS.items()}
-    assert set(schema.GRADS) == set(GRAD_MODES)
-    assert set(schema.INITS) == set(INITS)
-    assert set(schema.MODELS) == set(MODELS) == conf_options("model")
-    assert set(schema.DATASETS) == set(DATASETS) == conf_options("dataset")
-    assert set(schema.HOOKS) == set(HOOKS)
-    assert set(schema.CONTENDERS) == set(CONTENDERS)
+def test_each_registry_has_one_list_of_names():
+    """runner.names is the one list of each registry's names: the schema offers them, each
+    registry agrees with it at import (or fails to import), each config group has a file
+    per name."""
+    assert schema.METHODS is names.METHODS and schema.GRADS is names.GRADS
+    assert names.METHODS == {name: cls.min_functions for name, cls in INTEGRATORS.items()}
+    for registry, listed in [(GRAD_MODES, names.GRADS), (INITS, names.INITS), (MODELS, names.MODELS),
+                             (DATASETS, names.DATASETS), (HOOKS, names.HOOKS),
+                             (CONTENDERS, names.CONTENDERS), (BACKENDS, names.LOGGERS),
+                             (MONITORS, names.MONITORS), (ACTIVATIONS, names.ACTIVATIONS)]:
+        assert set(registry) == set(listed)
+    assert set(names.MODELS) == conf_options("model")
+    assert set(names.DATASETS) == conf_options("dataset")
+    assert set(names.LOGGERS) == conf_options("logger")
     assert {p.stem for p in CONF.glob("*.yaml")} == set(TASKS)
+    with pytest.raises(RuntimeError, match=r"has \['extra'\] that runner/names.py lacks"):
+        names.agree({**INITS, "extra": None}, names.INITS, "INITS")
 
 
 def experiment_tasks() -> dict[str, set[str]]:

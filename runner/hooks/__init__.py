@@ -7,6 +7,7 @@ Register it in ``HOOKS`` to make it available from the config
 """
 from __future__ import annotations
 
+from .. import names
 from ..schema import HOOK_SCHEMA
 from .base import Hook
 from .grad_error import GradErrorHook
@@ -18,6 +19,7 @@ HOOKS: dict[str, type[Hook]] = {
     "grad_error": GradErrorHook, "memory": MemoryHook, "recon": ReconHook,
     "smoothness": SmoothnessHook,
 }
+names.agree(HOOKS, names.HOOKS, "HOOKS")
 
 
 def build_hooks(cfg) -> list[Hook]:

@@ -60,7 +60,6 @@ COLUMNS = ["depth", "contender", "method", "width", "batch", "seconds_per_step",
            "seconds_max"]
 # Below float32 the gradient error is against backprop in float64 on the same weights.
 LOW_PRECISION = ("bfloat16", "float16")
-ACTIVATIONS = ("relu", "tanh", "gelu")
 
 
 # -------------------------------------------------------------------- config
