@@ -169,7 +169,7 @@ def _run_hydra_app(task: str, argv: list[str]) -> None:
             config.validate(task, cfg, environment=True, skip=once.passed(once.job_key(task, cfg)))
             result = module.run(cfg)
             # A sweeper (hparams_search=optuna) optimises what the app returns.
-            objective = getattr(module, "objective", None)
+            objective = TASKS[task].objective_function()
             return objective(cfg, result) if objective and isinstance(result, dict) else result
         except Interrupted as e:
             # Hydra records a job's Exception and goes on to the next job of a sweep;

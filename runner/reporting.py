@@ -1,8 +1,8 @@
 """What `rode report` knows of a job, and the table helpers each task's report section uses.
 
-A task module that has results to show defines ``report_section(jobs, out,
-figures) -> str`` (markdown; it draws its figures into ``out`` and appends their
-file names to ``figures``) and may define ``report_result(job) -> str`` (its
+A task whose declaration (``runner.tasks.TASKS``) says ``section=True`` defines
+``report_section(jobs, out, figures) -> str`` (markdown; it draws its figures into ``out`` and appends their
+file names to ``figures``); one that says ``result_line=True``, ``report_result(job) -> str`` (its
 one-cell result in the table of all jobs). ``rode report`` passes each task its
 own jobs.
 """

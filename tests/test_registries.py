@@ -159,3 +159,19 @@ def test_every_experiment_names_its_task_and_fits_its_schema():
                 job = cfg.copy()
                 OmegaConf.update(job, key, yaml.safe_load(value), merge=False)
                 schema.check_config(task, job)
+
+
+def test_each_task_declares_what_the_cli_and_the_report_use():
+    """A task's declaration (runner.tasks.TASKS) says what its module offers: its report
+    section and result line, its sweeper objective; nothing undeclared is probed for."""
+    from runner.tasks import load_task
+
+    for name, task in TASKS.items():
+        module = load_task(name)
+        assert hasattr(module, "report_section") == task.section, name
+        assert hasattr(module, "report_result") == task.result_line, name
+        assert callable(module.run)
+        if task.objective:
+            assert callable(task.objective_function())
+    assert TASKS["train"].objective_function()(OmegaConf.create({"objective": ["val_acc"]}),
+                                               {"best_metrics": {"val_acc": 0.5}}) == [0.5]

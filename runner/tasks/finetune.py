@@ -33,7 +33,6 @@ from ..models import build_model, grad_mode_from_config
 from ..preflight import check_amp, resolve_device
 from ..reporting import Job, fmt, table
 from ..schema import METHODS
-from ..selection import objective  # noqa: F401  (what a sweeper optimises; cli calls it)
 from ..stack import ResidualStack
 from ..vision import check_dataset_files
 

@@ -29,10 +29,10 @@ from . import TASKS, load_task
 
 log = logging.getLogger("rode")
 
-# Result files -> the task that writes them (used when Hydra's record is missing).
-RESULT_FILES = {"grad_error.csv": "gradcheck", "memory.csv": "memory", "bench.csv": "bench",
-                "discretization.csv": "discretization", "linear_metrics.csv": "linear",
-                "metrics.jsonl": "train"}
+# Result files -> the task that writes them (used when Hydra's record is missing), from
+# each task's declaration; metrics.jsonl (which other tasks' hooks append to) is tried last.
+RESULT_FILES = dict(sorted(((f, name) for name, t in TASKS.items() for f in t.results),
+                           key=lambda pair: pair[0] == "metrics.jsonl"))
 # summary.json; bench.json is what rode bench wrote before it wrote summary.json.
 SUMMARY_FILES = ("summary.json", "bench.json")
 
@@ -127,9 +127,9 @@ def task_sections(jobs: list[Job], modules: dict, out: Path, figures: list[str])
     """Each task's own section over its jobs, in the order of the task registry."""
     parts = []
     for task, module in modules.items():
-        section = getattr(module, "report_section", None)
-        if section is None:
+        if not TASKS[task].section:
             continue
+        section = module.report_section
         try:
             parts.append(section([j for j in jobs if j.task == task], out, figures))
         except Exception as e:   # one odd job must not cost the rest of the report
@@ -140,8 +140,9 @@ def task_sections(jobs: list[Job], modules: dict, out: Path, figures: list[str])
 
 def section_all_jobs(jobs: list[Job], modules: dict) -> str:
     def result(j: Job) -> str:
-        describe = getattr(modules.get(j.task), "report_result", None)
-        return describe(j) if describe else ""
+        if j.task not in modules or not TASKS[j.task].result_line:
+            return ""
+        return modules[j.task].report_result(j)
     return "\n".join(["## All jobs", "",
                       table(["job", "task", "status", "result"],
                             [[f"`{j.name}`", j.task, j.status, result(j)] for j in jobs])])

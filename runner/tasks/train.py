@@ -19,7 +19,6 @@ from ..preflight import check_amp
 from ..reporting import Job, depth_of, factors, num, series_label, table
 from ..resnet import check_resnet_config
 from ..rundir import RESUME_KEYS, locate
-from ..selection import objective  # noqa: F401  (what a sweeper optimises; cli calls it)
 from ..vision import check_dataset_files
 
 log = logging.getLogger("rode")
