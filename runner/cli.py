@@ -69,6 +69,11 @@ def bind_positional(key: str | None, overrides: list[str]) -> list[str]:
 
 # Old spellings that still work, with a note: old key -> new key.
 RENAMED = {"batch": "batch_size"}
+# Experiments are named after their task now (conf/experiment/<task>*.yaml): old -> new.
+RENAMED_EXPERIMENTS = {"grad_error": "gradcheck", "grad_error_full": "gradcheck_full",
+                       "test_error": "train", "test_error_full": "train_full", "deep": "bench_deep",
+                       "finetune_pretrain": "train_pretrain",
+                       "finetune_pretrain_full": "train_pretrain_full"}
 
 
 def renamed_keys(task: str, overrides: list[str], notes: list[str] | None = None) -> list[str]:
@@ -80,6 +85,10 @@ def renamed_keys(task: str, overrides: list[str], notes: list[str] | None = None
         key, eq, value = word.partition("=")
         prefix = key[:len(key) - len(key.lstrip("+~"))]
         bare = key[len(prefix):]
+        if bare == "experiment" and task in _EXPERIMENT_TASKS:
+            word = _renamed_experiment(task, prefix, value, notes)
+            out.append(word)
+            continue
         new = RENAMED.get(bare)
         if new and new in keys and bare not in keys:
             if notes is not None:
@@ -87,6 +96,24 @@ def renamed_keys(task: str, overrides: list[str], notes: list[str] | None = None
             word = f"{prefix}{new}{eq}{value}"
         out.append(word)
     return out
+
+
+_EXPERIMENT_TASKS = ("train", "gradcheck", "memory", "bench", "discretization", "linear", "finetune")
+
+
+def _renamed_experiment(task: str, prefix: str, value: str, notes: list[str] | None) -> str:
+    """``+experiment=grad_error`` -> ``experiment=gradcheck``: experiments are a config
+    group of every task (no '+'), named after their task."""
+    said = []
+    if prefix == "+":
+        prefix = ""
+        said.append("+experiment= is now experiment=")
+    if value in RENAMED_EXPERIMENTS:
+        said.append(f"experiment={value} is now experiment={RENAMED_EXPERIMENTS[value]}")
+        value = RENAMED_EXPERIMENTS[value]
+    if said and notes is not None:
+        notes.append(f"rode {task}: note: {'; '.join(said)} (the old form works for now)")
+    return f"{prefix}experiment={value}"
 
 
 def main(argv: list[str] | None = None) -> None:

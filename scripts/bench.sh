@@ -10,5 +10,5 @@
 # Writes <out>/bench.csv, bench.json, report.md and bench.png.
 source "$(dirname "$0")/common.sh"
 variant bench "$@"
-"$RODE" bench +experiment="$EXPERIMENT" "hydra.run.dir=$OUT" "${ARGS[@]}"
+"$RODE" bench experiment="$EXPERIMENT" "hydra.run.dir=$OUT" "${ARGS[@]}"
 "$RODE" report "$OUT"

@@ -7,5 +7,5 @@
 # Writes <out>/discretization.csv, slopes.csv, report.md and discretization.png.
 source "$(dirname "$0")/common.sh"
 variant discretization "$@"
-"$RODE" discretization +experiment="$EXPERIMENT" "hydra.run.dir=$OUT" "${ARGS[@]}"
+"$RODE" discretization experiment="$EXPERIMENT" "hydra.run.dir=$OUT" "${ARGS[@]}"
 "$RODE" report "$OUT"

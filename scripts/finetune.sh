@@ -10,7 +10,7 @@
 source "$(dirname "$0")/common.sh"
 variant finetune "$@"
 pretrain=finetune_pretrain${EXPERIMENT#finetune}
-"$RODE" train +experiment="$pretrain" "hydra.run.dir=$OUT/pretrain"
-"$RODE" finetune +experiment="$EXPERIMENT" "checkpoint=$OUT/pretrain" \
+"$RODE" train experiment="$pretrain" "hydra.run.dir=$OUT/pretrain"
+"$RODE" finetune experiment="$EXPERIMENT" "checkpoint=$OUT/pretrain" \
   "hydra.run.dir=$OUT/finetune" "${ARGS[@]}"
 "$RODE" report "$OUT"

@@ -9,5 +9,5 @@
 # Writes <out>/report.md and <out>/grad_error.png.
 source "$(dirname "$0")/common.sh"
 variant grad_error "$@"
-sweep gradcheck +experiment="$EXPERIMENT" "hydra.sweep.dir=$OUT" "${ARGS[@]}"
+sweep gradcheck experiment="$EXPERIMENT" "hydra.sweep.dir=$OUT" "${ARGS[@]}"
 "$RODE" report "$OUT"

@@ -8,5 +8,5 @@
 # Writes <out>/report.md, linear_weights*.png and linear_increments*.png.
 source "$(dirname "$0")/common.sh"
 variant linear "$@"
-sweep linear +experiment="$EXPERIMENT" init=zero,iid "hydra.sweep.dir=$OUT" "${ARGS[@]}"
+sweep linear experiment="$EXPERIMENT" init=zero,iid "hydra.sweep.dir=$OUT" "${ARGS[@]}"
 "$RODE" report "$OUT"

@@ -8,5 +8,5 @@
 # Writes <out>/report.md and <out>/memory.png.
 source "$(dirname "$0")/common.sh"
 variant memory "$@"
-sweep memory +experiment="$EXPERIMENT" "hydra.sweep.dir=$OUT" "${ARGS[@]}"
+sweep memory experiment="$EXPERIMENT" "hydra.sweep.dir=$OUT" "${ARGS[@]}"
 "$RODE" report "$OUT"

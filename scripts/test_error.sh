@@ -8,5 +8,5 @@
 # Writes <out>/report.md and <out>/test_error.png.
 source "$(dirname "$0")/common.sh"
 variant test_error "$@"
-sweep train +experiment="$EXPERIMENT" "hydra.sweep.dir=$OUT" "${ARGS[@]}"
+sweep train experiment="$EXPERIMENT" "hydra.sweep.dir=$OUT" "${ARGS[@]}"
 "$RODE" report "$OUT"

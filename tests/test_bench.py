@@ -210,8 +210,8 @@ def test_target_experiment_composes_and_script_parses():
 
     GlobalHydra.instance().clear()
     with initialize_config_module("runner.conf", version_base="1.3"):
-        cfg = compose("bench", ["+experiment=bench", "out_dir=unused"])
-        full = compose("bench", ["+experiment=bench_full", "out_dir=unused"])
+        cfg = compose("bench", ["experiment=bench", "out_dir=unused"])
+        full = compose("bench", ["experiment=bench_full", "out_dir=unused"])
     GlobalHydra.instance().clear()
     validate_job("bench", cfg)
     assert cfg.device == "cpu" and full.device == "cuda"

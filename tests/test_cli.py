@@ -198,3 +198,17 @@ def test_a_launcher_without_its_plugin_names_the_extra():
                                "'hydra/launcher/submitit_local'.", missing_cfg_file="x")
     assert _hydra_message(e, ["hydra/launcher=local"]) == (
         "hydra/launcher=local needs the launcher plugins: pip install 'rode[cluster]'")
+
+
+def test_experiments_are_a_group_named_by_task_and_old_names_still_work(rode_cli, tmp_path):
+    from runner.cli import renamed_keys
+
+    notes = []
+    assert renamed_keys("gradcheck", ["+experiment=grad_error"], notes) == ["experiment=gradcheck"]
+    assert renamed_keys("train", ["experiment=test_error_full"], notes) == ["experiment=train_full"]
+    assert renamed_keys("bench", ["experiment=bench"], notes) == ["experiment=bench"]
+    assert len(notes) == 2 and "+experiment= is now experiment=" in notes[0]
+    # the old form, end to end: the note, then the experiment's config
+    r = rode_cli("linear", "+experiment=linear", "--cfg", "job")
+    assert r.code == 0 and "+experiment= is now experiment=" in r.err, r.err
+    assert "depths:" in r.out

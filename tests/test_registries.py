@@ -120,11 +120,11 @@ def test_each_registry_has_one_list_of_names():
 
 
 def experiment_tasks() -> dict[str, set[str]]:
-    """Each experiment -> the tasks that its usage lines (`rode [-m] <task> +experiment=<name>`,
+    """Each experiment -> the tasks that its usage lines (`rode [-m] <task> experiment=<name>`,
     in the comments of conf/experiment/*.yaml) run it with."""
     tasks: dict[str, set[str]] = {}
     for path in (CONF / "experiment").glob("*.yaml"):
-        for task, name in re.findall(r"rode (?:-m )?(\w+) \+experiment=(\w+)\b", path.read_text()):
+        for task, name in re.findall(r"rode (?:-m )?(\w+) experiment=(\w+)\b", path.read_text()):
             tasks.setdefault(name, set()).add(task)
     return tasks
 
@@ -140,10 +140,11 @@ def test_every_experiment_names_its_task_and_fits_its_schema():
     assert set(tasks) == {p.stem for p in (CONF / "experiment").glob("*.yaml")}, tasks
     for name, named in tasks.items():
         assert len(named) == 1 and named <= set(TASKS), (name, named)
+        assert name.split("_")[0] == next(iter(named)), (name, named)   # found by its task
         (task,) = named
         GlobalHydra.instance().clear()
         with initialize_config_module("runner.conf", version_base="1.3"):
-            cfg = compose(task, [f"+experiment={name}"], return_hydra_config=True)
+            cfg = compose(task, [f"experiment={name}"], return_hydra_config=True)
         GlobalHydra.instance().clear()
         sweep = dict(cfg.hydra.sweeper.params or {})
         with open_dict(cfg):

@@ -196,7 +196,7 @@ CPU_EXPERIMENTS = {"test_error": "train", "grad_error": "gradcheck", "memory": "
 @pytest.mark.parametrize("name, task", CPU_EXPERIMENTS.items())
 def test_cpu_experiments_compose_and_validate(tmp_path, name, task):
 
-    cfg = compose_config(task, [f"+experiment={name}"], tmp_path)
+    cfg = compose_config(task, [f"experiment={name}"], tmp_path)
     validate_job(task, cfg)
     assert cfg.get("device", "cpu") != "cuda"
 
