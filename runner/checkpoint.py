@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from .config import upgrade_config
 from .errors import ConfigError, RunFailed
 from .io import atomic_open
 from .models import build_model
@@ -130,7 +131,7 @@ def _read(path: Path, value, key: str) -> dict:
     if CHECKSUM in ckpt and checksum(ckpt) != ckpt[CHECKSUM]:
         raise ConfigError(f"{key}={value}: {path} is corrupted (its contents do not match the "
                           f"sha256 checksum written with it); use an intact copy")
-    return ckpt
+    return {**ckpt, "config": upgrade_config(ckpt["config"])}   # keys renamed since it was written
 
 
 def check_architecture(model: torch.nn.Module, state: dict, what: str) -> None:
@@ -298,8 +299,8 @@ def check_rebuilds(ckpt: dict, config, what: str) -> None:
     if not shapes:
         return
     config = OmegaConf.create(config if isinstance(config, dict) else OmegaConf.to_container(config))
-    if config.get("model", {}).get("weights"):
-        config.model.weights = None   # the checkpoint holds the weights
+    if config.get("model", {}).get("pretrained"):
+        config.model.pretrained = None   # the checkpoint holds the weights
     try:
         with torch.random.fork_rng(devices=[]):   # building draws initial weights
             model = build_model(config, tuple(shapes["input_shape"]), shapes["num_classes"])

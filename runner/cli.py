@@ -14,7 +14,7 @@ import sys
 
 from . import config, once, rundir
 from .errors import ConfigError, Interrupted, RodeError, RunFailed
-from .schema import TASK_SCHEMAS
+from .schema import TASK_SCHEMAS, has_key
 from .tasks import TASKS, load_task
 
 # Hydra flags that take a value (the next word is not the task name).
@@ -67,8 +67,8 @@ def bind_positional(key: str | None, overrides: list[str]) -> list[str]:
     return [f"{key}={quoted(w)}" if w in bare else w for w in overrides]
 
 
-# Old spellings that still work, with a note: old key -> new key.
-RENAMED = {"batch": "batch_size"}
+# Old spellings that still work, with a note: old key -> new key (one list, in runner.config).
+RENAMED = config.RENAMED
 # Experiments are named after their task now (conf/experiment/<task>*.yaml): old -> new.
 RENAMED_EXPERIMENTS = {"grad_error": "gradcheck", "grad_error_full": "gradcheck_full",
                        "test_error": "train", "test_error_full": "train_full", "deep": "bench_deep",
@@ -79,7 +79,6 @@ RENAMED_EXPERIMENTS = {"grad_error": "gradcheck", "grad_error_full": "gradcheck_
 def renamed_keys(task: str, overrides: list[str], notes: list[str] | None = None) -> list[str]:
     """``batch=64`` -> ``batch_size=64`` (and ``+batch``, ``~batch``) for tasks that renamed
     it; a note for each goes to ``notes`` (printed once the command line is valid)."""
-    keys = TASK_SCHEMAS[task].fields
     out = []
     for word in overrides:
         key, eq, value = word.partition("=")
@@ -90,7 +89,7 @@ def renamed_keys(task: str, overrides: list[str], notes: list[str] | None = None
             out.append(word)
             continue
         new = RENAMED.get(bare)
-        if new and new in keys and bare not in keys:
+        if new and has_key(task, new) and not has_key(task, bare):
             if notes is not None:
                 notes.append(f"rode {task}: note: {bare}= is now {new}= (the old name works for now)")
             word = f"{prefix}{new}{eq}{value}"

@@ -19,6 +19,35 @@ from .errors import ConfigError
 from .names import IMAGE_MODELS, LOGGERS, METHODS
 from .schema import MAX_DEPTH, check_config, to_list
 
+# Renamed keys: old dotted key -> new. The old spelling works on the command line with a
+# one-line note (runner.cli.renamed_keys); a checkpoint's stored config is upgraded when
+# it is read (upgrade_config), so old runs resume and fine-tune as before.
+RENAMED = {"batch": "batch_size",
+           "checkpoint.every_steps": "save.every_steps",       # `checkpoint` is an input path
+           "checkpoint.every_minutes": "save.every_minutes",
+           "model.weights": "model.pretrained",                # `weights`: weight profiles
+           "model.depths": "model.blocks"}                     # `depths`: a sweep list
+
+
+def upgrade_config(saved: dict) -> dict:
+    """A stored config (a checkpoint's) with every RENAMED key under its new name."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in saved.items()}
+    for old, new in RENAMED.items():
+        (*head, last), (*new_head, new_last) = old.split("."), new.split(".")
+        node = out
+        for part in head:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or last not in node:
+            continue
+        target = out
+        for part in new_head:
+            target = target.setdefault(part, {})
+        if new_last not in target:
+            target[new_last] = node.pop(last)
+        if head and not node and head[0] in out and out[head[0]] == {}:
+            del out[head[0]]   # checkpoint: {} once both its keys moved
+    return out
+
 
 def as_list(cfg, key: str) -> list:
     """``cfg[key]`` as a list (a single value is a list of one), once validated."""

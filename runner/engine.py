@@ -218,7 +218,7 @@ def _train(cfg, hooks, model, data, resume, dist, device, stop) -> dict:
                                    "tracking": trackers.state() if trackers else {}}, path)
 
     # Checkpoints within epochs too: every K steps and/or every T minutes.
-    every = cfg.get("checkpoint") if OmegaConf.is_dict(cfg.get("checkpoint")) else {}
+    every = cfg.get("save") if OmegaConf.is_dict(cfg.get("save")) else {}
     every_steps, every_minutes = every.get("every_steps"), every.get("every_minutes")
     last_save = time.monotonic()
 

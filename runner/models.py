@@ -91,8 +91,8 @@ def model_options(cfg) -> dict:
     """The builder's own arguments: what of the config only this model uses."""
     m = cfg.model
     if m.name == "resnet":   # one depth per stage, in the model node
-        return {"arch": m.arch, "stem": m.get("stem", "imagenet"), "depths": m.get("depths"),
-                "weights": m.get("weights")}
+        return {"arch": m.arch, "stem": m.get("stem", "imagenet"), "depths": m.get("blocks"),
+                "weights": m.get("pretrained")}
     if m.name == "mlp":
         return {"depth": int(cfg.depth), "hidden": m.get("hidden"),
                 "activation": m.get("activation", "relu")}

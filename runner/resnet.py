@@ -6,7 +6,7 @@ addition). The stage's other blocks keep the shape, so they are steps of an ODE:
 they form a :class:`ResidualStack` of N residual functions with step 1/N and no
 ReLU after the addition, and ``grad=adjoint`` applies inside every stage.
 
-``model.weights=<file>`` loads a torchvision state dict (e.g. the
+``model.pretrained=<file>`` loads a torchvision state dict (e.g. the
 ``resnet50-*.pth`` files torchvision downloads) with its key names; nothing is
 fetched at run time.
 """
@@ -214,12 +214,12 @@ def load_torchvision_weights(model: TorchvisionResNet, path: str | Path) -> None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:   # not a torch file, truncated, unsafe pickle...
-        raise ConfigError(f"model.weights={path}: cannot load ({type(e).__name__}: "
+        raise ConfigError(f"model.pretrained={path}: cannot load ({type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''})") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
-        raise ConfigError(f"model.weights={path}: not a state dict")
+        raise ConfigError(f"model.pretrained={path}: not a state dict")
 
     depths = [len(s.stack.functions) for s in model.stages()]
     ours = model.state_dict()
@@ -240,7 +240,7 @@ def load_torchvision_weights(model: TorchvisionResNet, path: str | Path) -> None
             wrong_shape and f"shape mismatch: {', '.join(wrong_shape[:2])}",
             missing and f"missing {len(missing)} keys (e.g. {missing[0]})",
             unexpected and f"unexpected {len(unexpected)} keys (e.g. {unexpected[0]})") if part)
-        raise ConfigError(f"model.weights={path} does not fit this model ({detail}); it must be "
+        raise ConfigError(f"model.pretrained={path} does not fit this model ({detail}); it must be "
                           f"a torchvision state dict of the same model.arch, with width=64 "
                           f"and model.stem=imagenet")
 
@@ -252,22 +252,22 @@ def load_torchvision_weights(model: TorchvisionResNet, path: str | Path) -> None
                 mapped[name] = mapped[name] * n
     model.load_state_dict(mapped, strict=not fc_skipped)
     if fc_skipped:
-        log.info("model.weights: fc not loaded (%s); it starts fresh", fc_skipped[0])
+        log.info("model.pretrained: fc not loaded (%s); it starts fresh", fc_skipped[0])
 
 
 # ----------------------------------------------------------------- checks
 def check_resnet_config(cfg) -> None:
     """The ``model=resnet`` knobs of a task config, checked before anything runs."""
     m = cfg.model
-    check_resnet(m.arch, m.get("stem", "imagenet"), m.get("depths"), m.get("weights"),
+    check_resnet(m.arch, m.get("stem", "imagenet"), m.get("blocks"), m.get("pretrained"),
                  method=cfg.method, init=cfg.init, width=cfg.width,
                  channels=list(cfg.dataset.get("shape", [3]))[0])
 
 
 def check_resnet(arch, stem, depths, weights, *, method: str, init: str, width: int,
                  channels: int) -> None:
-    """ConfigError unless ``model.arch``, ``model.stem``, ``model.depths`` and
-    ``model.weights`` make a model for this method (a weights file is loaded into
+    """ConfigError unless ``model.arch``, ``model.stem``, ``model.blocks`` and
+    ``model.pretrained`` make a model for this method (a weights file is loaded into
     the model it is meant for, so that a wrong file is refused before the run)."""
     for key, value, choices in (("model.arch", arch, ARCHS), ("model.stem", stem, STEMS)):
         if value not in choices:
@@ -276,7 +276,7 @@ def check_resnet(arch, stem, depths, weights, *, method: str, init: str, width: 
     if depths is not None:
         if (isinstance(depths, (str, int)) or len(depths) != 4
                 or not all(isinstance(d, int) and not isinstance(d, bool) for d in depths)):
-            raise ConfigError(f"model.depths={_show(depths)} must be null or a list of 4 "
+            raise ConfigError(f"model.blocks={_show(depths)} must be null or a list of 4 "
                               f"integers (residual functions per stage), e.g. [8,8,8,8]")
     low = INTEGRATORS[method].min_functions
     counts = stage_depths(arch, depths)
@@ -284,18 +284,18 @@ def check_resnet(arch, stem, depths, weights, *, method: str, init: str, width: 
         raise ConfigError(
             f"method={method} needs >= {low} residual functions per stage, but "
             f"model.arch={arch} gives {counts} (its blocks minus the first of each stage); "
-            f"use a deeper arch or set model.depths, e.g. model.depths=[2,2,2,2]")
+            f"use a deeper arch or set model.blocks, e.g. model.blocks=[2,2,2,2]")
     if weights:
         path = Path(str(weights)).expanduser()
         if not path.is_file():
-            raise ConfigError(f"model.weights={path}: no such file (a torchvision state dict "
+            raise ConfigError(f"model.pretrained={path}: no such file (a torchvision state dict "
                               f"saved on this machine; nothing is downloaded)")
         if init == "tied":
-            raise ConfigError("model.weights with init=tied: torchvision weights differ per "
+            raise ConfigError("model.pretrained with init=tied: torchvision weights differ per "
                               "block, a tied model would keep only one of them; use init=iid")
         if depths is not None and list(depths) != stage_depths(arch, None):
-            raise ConfigError(f"model.weights needs the arch's own depths "
-                              f"{stage_depths(arch, None)}; set model.depths=null")
+            raise ConfigError(f"model.pretrained needs the arch's own depths "
+                              f"{stage_depths(arch, None)}; set model.blocks=null")
         build_resnet((channels, 32, 32), 1000, width=int(width), init="iid", method=method,
                      grad="backprop", arch=arch, stem=stem, weights=weights)
 

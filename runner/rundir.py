@@ -13,7 +13,7 @@ CHECKPOINT = "checkpoint.pt"
 # Files whose presence means a dir holds a run's results.
 RESULTS = ("summary.json", CHECKPOINT, "metrics.jsonl")
 # What `rode train resume=<dir>` may change: the rest is the checkpoint's config.
-RESUME_KEYS = ("device", "progress", "threads", "checkpoint")
+RESUME_KEYS = ("device", "progress", "threads", "save")
 
 
 def locate(value, key: str = "checkpoint") -> Path:

@@ -319,6 +319,21 @@ def check_node(node, schema: Group, prefix: str = "") -> None:
         spec.check(name, node[key])
 
 
+def has_key(task: str, dotted: str) -> bool:
+    """Whether ``dotted`` (``model.blocks``) is a key of ``task``'s config (of any option
+    of a config group such as ``model``)."""
+    nodes = [TASK_SCHEMAS[task]]
+    for part in dotted.split("."):
+        found = []
+        for node in nodes:
+            groups = list(node.options.values()) if isinstance(node, Variants) else [node]
+            found += [g.fields[part] for g in groups if isinstance(g, Group) and part in g.fields]
+        if not found:
+            return False
+        nodes = found
+    return True
+
+
 def check_config(task: str, cfg) -> None:
     """The schema of ``task`` applied to its composed config (without the hydra node)."""
     check_node(cfg, TASK_SCHEMAS[task])
@@ -364,9 +379,9 @@ MODEL = Variants(options={
     "conv": Group(fields={"name": Text()}),
     "resnet": Group(fields={
         "name": Text(), "arch": Choice(choices=ARCHS), "stem": Choice(choices=STEMS),
-        "depths": ListOf(item=Int(1, MAX_DEPTH), length=4, single=False, null=True,
+        "blocks": ListOf(item=Int(1, MAX_DEPTH), length=4, single=False, null=True,
                          why=" (residual functions per stage, e.g. [8,8,8,8])"),
-        "weights": Text(null=True)}),
+        "pretrained": Text(null=True, why=" (a torchvision state dict file)")}),
 })
 ADJOINT = Group(fields={
     "vjp": Choice(choices=VJPS),
@@ -439,7 +454,7 @@ TASK_SCHEMAS: dict[str, Group] = {
         **STACK, **TRAINING,
         "eval_batch_size": Int(1, 10_000_000), "threads": THREADS,
         "resume": Text(null=True, why=" (a run dir or checkpoint.pt to continue, or auto)"),
-        "checkpoint": Group(fields={"every_steps": Int(1, null=True, why=" (null: per epoch only)"),
+        "save": Group(fields={"every_steps": Int(1, null=True, why=" (null: per epoch only)"),
                                     "every_minutes": Float(0, open_low=True, null=True,
                                                            why=" (null: per epoch only)")},
                             required=False),

@@ -152,11 +152,11 @@ def cases_for(task: str, files) -> list[tuple[list[str], list[str]]]:
                   ([f"{ckpt_key}={files['other']}"], [ckpt_key, "architecture"])]
     if task == "train":
         cases += [(["model=resnet", "dataset=synthetic", "dataset.shape=[3,8,8]",
-                    f"model.weights={files['missing']}"], ["model.weights"]),
+                    f"model.pretrained={files['missing']}"], ["model.pretrained"]),
                   (["model=resnet", "dataset=synthetic", "dataset.shape=[3,8,8]",
-                    f"model.weights={files['text']}"], ["model.weights"]),
+                    f"model.pretrained={files['text']}"], ["model.pretrained"]),
                   (["model=resnet", "dataset=synthetic", "dataset.shape=[3,8,8]",
-                    f"model.weights={files['run'] / 'checkpoint.pt'}"], ["model.weights"]),
+                    f"model.pretrained={files['run'] / 'checkpoint.pt'}"], ["model.pretrained"]),
                   ([f"resume={files['run']}", "depth=8"], ["resume", "depth"])]
     if task == "report":
         cases += [([f"dir={files['missing'].parent}"], ["dir"]), ([f"dir={files['text']}"], ["dir"])]

@@ -87,7 +87,7 @@ def test_killed_between_last_checkpoint_and_summary_is_resumable(tmp_path, whole
 
 # ------------------------------------------- items 6, 9: kills, within-epoch checkpoints
 def test_kill_mid_epoch_costs_only_the_steps_since_the_last_checkpoint(tmp_path, whole):
-    cfg = compose_config("train", [*FAST, "checkpoint.every_steps=10"], tmp_path)
+    cfg = compose_config("train", [*FAST, "save.every_steps=10"], tmp_path)
     with pytest.raises(Killed):
         train(cfg, hooks=[KillAt(37)])
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 30
@@ -112,7 +112,7 @@ def test_checkpoint_every_minutes(tmp_path, monkeypatch):
         save(state, path)
 
     monkeypatch.setattr(checkpoint, "save", counting)
-    train(compose_config("train", [*FAST, "epochs=1", "checkpoint.every_minutes=1e-9"], tmp_path))
+    train(compose_config("train", [*FAST, "epochs=1", "save.every_minutes=1e-9"], tmp_path))
     assert saves == [*range(1, 26), 25]                  # every step, then the epoch's end
 
 
@@ -220,9 +220,9 @@ def test_resume_refuses_other_keys_but_allows_checkpoint_every(tmp_path):
     from runner.rundir import prepare_resume
     assert prepare_resume(["resume=auto", "depth=8"], False) == ["resume=auto", "depth=8"]
     train(compose_config("train", [*FAST, "epochs=1"], tmp_path))
-    out = prepare_resume([f"resume={tmp_path}", "checkpoint.every_steps=5"], False)
+    out = prepare_resume([f"resume={tmp_path}", "save.every_steps=5"], False)
     assert f"hydra.run.dir='{tmp_path}'" in out
-    with pytest.raises(ConfigError, match="only device, progress, threads, checkpoint"):
+    with pytest.raises(ConfigError, match="only device, progress, threads, save"):
         prepare_resume([f"resume={tmp_path}", "epochs=9"], False)
 
 

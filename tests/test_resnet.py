@@ -126,7 +126,7 @@ def test_weights_through_the_config(tmp_path):
     path = tmp_path / "r18.pth"
     torch.save(torchvision.models.resnet18(weights=None, num_classes=10).state_dict(), path)
     cfg = compose_config("train", ["model=resnet", "dataset=synthetic", "dataset.shape=[3,32,32]",
-                                   "init=iid", f"model.weights={path}"], tmp_path)
+                                   "init=iid", f"model.pretrained={path}"], tmp_path)
     validate_job("train", cfg)
     model = build_model(cfg, (3, 32, 32), 10)
     state = torch.load(path)
@@ -134,12 +134,12 @@ def test_weights_through_the_config(tmp_path):
 
     bad = {"method=heun": "needs >= 2 residual functions per stage",
            "init=tied": "init=tied",
-           "model.weights=/no/such/file.pth": "no such file",
+           "model.pretrained=/no/such/file.pth": "no such file",
            "model.arch=resnet200": "model.arch",
-           "model.depths=[2,2]": "model.depths"}
+           "model.blocks=[2,2]": "model.blocks"}
     for override, message in bad.items():
         overrides = ["model=resnet", "dataset=synthetic", "dataset.shape=[3,32,32]", "init=iid",
-                     f"model.weights={path}", override]
+                     f"model.pretrained={path}", override]
         with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
             validate_job("train", compose_config("train", overrides, tmp_path))
     with pytest.raises(ConfigError, match="needs image data"):

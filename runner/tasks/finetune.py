@@ -172,8 +172,8 @@ def job_config(cfg, saved: dict, depths: list[int]):
     # weights then come from the checkpoint), and the new depths.
     job.init = "iid"
     if job.model.name == "resnet":
-        job.model.depths = depths
-        job.model.weights = None
+        job.model.blocks = depths
+        job.model.pretrained = None
     elif len(depths) == 1:
         job.depth = depths[0]
     job.finetune = {"checkpoint": str(checkpoint.locate(cfg.checkpoint))}
@@ -209,8 +209,8 @@ def run(cfg) -> dict:
     # ---- the checkpoint's model, as it was trained
     data = build_dataset(job.dataset)
     built = OmegaConf.create(ckpt["config"])
-    if built.model.get("weights"):
-        built.model.weights = None   # the checkpoint holds the weights
+    if built.model.get("pretrained"):
+        built.model.pretrained = None   # the checkpoint holds the weights
     model = build_model(built, data.input_shape, data.num_classes)
     model.load_state_dict(ckpt["model"])
     model.to(device)
