@@ -12,15 +12,11 @@ import itertools
 import os
 import sys
 
-from . import config, rundir
+from . import config, routes, rundir
 from .errors import ConfigError, Interrupted, RodeError, RunFailed
 from .schema import TASK_SCHEMAS
 from .tasks import TASKS, load_task
 
-# Hydra flags that take a value (the next word is not the task name).
-_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp",
-                     "--config-name", "-cn", "--config-dir", "-cd", "--experimental-rerun"}
-_MULTIRUN = {"-m", "--multirun"}
 _MAX_COMBINATIONS = 256
 
 
@@ -36,19 +32,8 @@ def usage() -> str:
 
 
 def split_argv(argv: list[str]) -> tuple[str | None, list[str], list[str]]:
-    """-> (task, hydra flags, overrides)."""
-    task, flags, overrides = None, [], []
-    it = iter(argv)
-    for word in it:
-        if word.startswith("-") and "=" not in word:
-            flags.append(word)
-            if word in _FLAGS_WITH_VALUE:
-                flags.append(next(it, ""))
-        elif task is None and "=" not in word:
-            task = word
-        else:
-            overrides.append(word)
-    return task, flags, overrides
+    """-> (task, hydra flags, overrides), the flags as Hydra's own parser reads them."""
+    return routes.split_argv(argv)
 
 
 def bind_positional(key: str | None, overrides: list[str]) -> list[str]:
@@ -100,16 +85,16 @@ def main(argv: list[str] | None = None) -> None:
     if task not in TASKS:
         _die(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
 
-    multirun = any(f in _MULTIRUN for f in flags)
-    only_hydra_flags = all(f in _MULTIRUN for f in flags)   # --help, --cfg ...: let Hydra answer
     try:
         overrides = bind_positional(TASKS[task].positional, overrides)
         notes: list[str] = []
         overrides = renamed_keys(task, overrides, notes)
+        route = routes.read(task, flags, overrides)
         if "resume" in TASK_SCHEMAS[task].fields:
-            overrides = rundir.prepare_resume(overrides, multirun)
-        if only_hydra_flags:
-            validate_overrides(task, overrides, multirun)
+            routes.check_resume_dir(overrides)
+            overrides = rundir.prepare_resume(overrides, route.multirun)
+        if not route.only_prints:   # --help, --cfg ...: Hydra answers, no job runs
+            validate_overrides(task, overrides, route.multirun, route)
         for note in notes:
             print(note, file=sys.stderr)
         _run_hydra_app(task, flags + overrides + _worker_overrides())
@@ -165,6 +150,7 @@ def _run_hydra_app(task: str, argv: list[str]) -> None:
     def app(cfg):
         module = load_task(task)   # here: `rode <task> --help` need not import torch
         try:
+            routes.check_job_dir(task, cfg, TASKS[task].writes_runs)
             validate(task, module, cfg)
             result = module.run(cfg)
             # A sweeper (hparams_search=optuna) optimises what the app returns.
@@ -198,19 +184,19 @@ def _run_hydra_app(task: str, argv: list[str]) -> None:
 
 
 # ---------------------------------------------------------------- validation
-def validate_overrides(task: str, overrides: list[str], multirun: bool) -> None:
+def validate_overrides(task: str, overrides: list[str], multirun: bool,
+                       route: routes.Route | None = None) -> None:
     """Compose and validate the config of every job the command line describes: the
     schema and rules of every job first (no torch), then the task's own checks, then
     the output dir. Nothing is written before all of them pass."""
-    from hydra import compose, initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
+    from hydra import compose
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
     from omegaconf import OmegaConf, open_dict
     from omegaconf.errors import OmegaConfBaseException
 
-    GlobalHydra.instance().clear()
-    with initialize_config_module("runner.conf", version_base="1.3"):
+    config_name = route.config_name if route is not None else task
+    with routes.initialize(route):
         try:
             parsed = OverridesParser.create().parse_overrides(overrides)
         except HydraException as e:
@@ -236,7 +222,7 @@ def validate_overrides(task: str, overrides: list[str], multirun: bool) -> None:
         key, out_dir, jobs = ("hydra.sweep.dir" if multirun else "hydra.run.dir"), None, []
         for combo in _combinations(axes):
             try:
-                cfg = compose(config_name=task, overrides=[*combo, *hydra_overrides],
+                cfg = compose(config_name=config_name, overrides=[*combo, *hydra_overrides],
                               return_hydra_config=True)
             except HydraException as e:
                 raise ConfigError(_hydra_message(e, list(combo))) from None
@@ -253,7 +239,7 @@ def validate_overrides(task: str, overrides: list[str], multirun: bool) -> None:
             jobs.append(cfg)
             if searched and len(jobs) == 1:   # a sweeper's search space (hparams_search=...)
                 try:
-                    point = compose(config_name=task, overrides=[*combo, *hydra_overrides,
+                    point = compose(config_name=config_name, overrides=[*combo, *hydra_overrides,
                                                                  *searched])
                 except HydraException as e:
                     raise ConfigError("hydra.sweeper.params: " + _hydra_message(e, searched)) from None
@@ -266,12 +252,12 @@ def validate_overrides(task: str, overrides: list[str], multirun: bool) -> None:
                 cfg.out_dir = out_dir   # resume=auto checks the checkpoint there, if any
             if hasattr(module, "validate"):
                 module.validate(cfg)
+        routes.check_out_dirs(task, jobs, TASKS[task].writes_runs)
         if out_dir is not None:   # last: a bad value elsewhere creates nothing
             config.check_writable_dir(out_dir, key)
             resuming = bool(jobs and jobs[0].get("resume")) and not auto
             if TASKS[task].writes_runs and not resuming:
                 rundir.check_fresh(out_dir, key, multirun, auto=auto)
-    GlobalHydra.instance().clear()
 
 
 def _sweep_values(o) -> list[str]:

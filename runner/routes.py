@@ -1,0 +1,207 @@
+"""Every way of starting a task goes through the same checks.
+
+Hydra reads its own flags (``--run``, ``--multirun``, ``--config-dir``, ``--config-name``,
+``-cp``, ...) from the command line; rode reads them here with Hydra's own argument
+parser, so that a flag changes what is validated exactly as it changes what Hydra
+runs: the mode (a ``--run`` or ``hydra.mode=`` counts as Hydra counts it), the config
+(``--config-dir``, ``--config-name``, ``--config-path``), and hence every job's
+config and output dir. A flag Hydra adds later is parsed the same way, and only the
+flags that print something without running a job (``--help``, ``--cfg``, ``--info``,
+``--shell-completion``) skip the checks.
+
+Torch-free.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ConfigError
+
+# Flags after which Hydra prints something and runs no job.
+_ONLY_PRINT = ("help", "hydra_help", "version", "cfg", "info", "shell_completion")
+
+
+def _parser() -> argparse.ArgumentParser:
+    from hydra._internal.utils import get_args_parser
+
+    parser = get_args_parser()
+
+    def error(message):   # argparse prints usage and exits; one line instead
+        raise ConfigError(message)
+    parser.error = error
+    return parser
+
+
+def split_argv(argv: list[str]) -> tuple[str | None, list[str], list[str]]:
+    """-> (task, Hydra's flags with their values, overrides). Which words are flags,
+    and which take a value, is Hydra's parser's answer (``--config-dir=x`` too)."""
+    actions = _parser()._option_string_actions
+    task, flags, overrides = None, [], []
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        i += 1
+        name, eq, _ = word.partition("=")
+        action = actions.get(name) if word.startswith("-") else None
+        if action is not None:
+            flags.append(word)
+            if eq or action.nargs == 0:
+                continue
+            if action.nargs == "?":   # --info [what]
+                if i < len(argv) and action.choices and argv[i] in action.choices:
+                    flags.append(argv[i])
+                    i += 1
+                continue
+            if i < len(argv):   # else the parser says the value is missing
+                flags.append(argv[i])
+                i += 1
+        elif word.startswith("-") and not eq:
+            flags.append(word)           # unknown: refused by the parser, in one line
+        elif task is None and not eq:
+            task = word
+        else:
+            overrides.append(word)
+    return task, flags, overrides
+
+
+@dataclass
+class Route:
+    """How the command line starts its task: Hydra's parsed flags and what follows."""
+
+    task: str
+    args: argparse.Namespace
+    overrides: list[str] = field(default_factory=list)
+    multirun: bool = False
+
+    @property
+    def only_prints(self) -> bool:
+        """--help, --cfg, --info ...: Hydra answers; no job runs, nothing is written."""
+        return any(getattr(self.args, name, None) for name in _ONLY_PRINT)
+
+    @property
+    def config_name(self) -> str:
+        return self.args.config_name or self.task
+
+
+def read(task: str, flags: list[str], overrides: list[str]) -> Route:
+    """Parse Hydra's flags as Hydra will; refuse those that run a job rode cannot check."""
+    args = _parser().parse_args([*flags, *overrides])
+    if args.experimental_rerun is not None:
+        raise ConfigError("--experimental-rerun replays a pickled config that rode cannot "
+                          "check; run the command again with the overrides in "
+                          "<run dir>/.hydra/overrides.yaml")
+    route = Route(task, args, list(overrides), multirun=bool(args.multirun))
+    if not route.only_prints:
+        route.multirun = route.multirun or _config_mode(route) == "MULTIRUN"
+    return route
+
+
+@contextlib.contextmanager
+def initialize(route: Route | None):
+    """Hydra set up as the command line sets it up: rode's configs, and the flags'
+    --config-path / --config-dir (the compose API then reads the same configs)."""
+    from hydra import version
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import create_automatic_config_search_path
+    from hydra.core.config_search_path import SearchPathQuery
+    from hydra.core.global_hydra import GlobalHydra
+
+    args = route.args if route is not None else argparse.Namespace(config_path=None,
+                                                                   config_dir=None)
+    version.setbase("1.3")
+    GlobalHydra.instance().clear()
+    search_path = create_automatic_config_search_path(None, "runner.cli",
+                                                      args.config_path or "conf")
+    if args.config_dir is not None:
+        where = os.path.abspath(args.config_dir)
+        if not os.path.isdir(where):
+            raise ConfigError(f"--config-dir={args.config_dir}: {where} is not a directory")
+        search_path.prepend(provider="command-line", path=f"file://{where}",
+                            anchor=SearchPathQuery(provider="schema"))
+    try:
+        Hydra.create_main_hydra2(task_name="rode", config_search_path=search_path)
+        yield
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def _config_mode(route: Route) -> str | None:
+    """hydra.mode as the config and overrides set it (``--run`` does not override it)."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    try:
+        with initialize(route):
+            mode = GlobalHydra.instance().hydra.get_mode(config_name=route.config_name,
+                                                         overrides=list(route.overrides))
+    except ConfigError:
+        raise
+    except Exception:   # a bad override: validation reports it, in one line
+        return None
+    return None if mode is None else mode.name
+
+
+def check_out_dirs(task: str, jobs: list, writes_runs: bool) -> None:
+    """``out_dir=<dir>`` on the command line is a run dir like Hydra's: writable, and
+    holding no other run's (or another task's) results; one dir for every job of a
+    sweep is refused (each would overwrite the last)."""
+    from omegaconf import OmegaConf
+
+    from . import config, rundir
+
+    seen = {}
+    for cfg in jobs:
+        try:
+            value = OmegaConf.select(cfg, "out_dir", default=None)
+        except Exception:   # interpolates Hydra's dir: checked as hydra.*.dir
+            continue
+        if value is None or "${" in str(value):
+            continue
+        config.check_writable_dir(value, "out_dir")
+        if writes_runs and not (cfg.get("resume") and cfg.get("resume") != "null"):
+            rundir.check_fresh(value, "out_dir", sweep=False)
+        seen.setdefault(str(Path(str(value)).expanduser().absolute()), []).append(cfg)
+    if len(jobs) > 1 and any(len(v) > 1 for v in seen.values()):
+        where = next(k for k, v in seen.items() if len(v) > 1)
+        raise ConfigError(f"out_dir={where} is the same dir for {len(jobs)} jobs: each would "
+                          f"overwrite the last; leave out_dir out (one dir per job)")
+
+
+def check_resume_dir(overrides: list[str]) -> None:
+    """``resume=<run> hydra.run.dir=<other dir>``: Hydra would write its .hydra/ and log
+    there, so that dir must hold no finished run's results."""
+    from . import rundir
+
+    values = {o.split("=", 1)[0].lstrip("+"): o.split("=", 1)[1] for o in overrides if "=" in o}
+    resume, run_dir = values.get("resume"), values.get("hydra.run.dir")
+    if resume is None or run_dir is None or rundir.unquote(resume) in ("auto", "null", ""):
+        return
+    run_dir = Path(rundir.unquote(run_dir)).expanduser()
+    try:
+        own = rundir.locate(rundir.unquote(resume), "resume").parent
+    except ConfigError:
+        return   # reported by validation, in its own words
+    if run_dir.absolute() != own.absolute():
+        rundir.check_fresh(run_dir, "hydra.run.dir", sweep=False)
+
+
+def check_job_dir(task: str, cfg, writes_runs: bool) -> None:
+    """At the start of every job, inside the app (sweeper-sampled and remote jobs too):
+    a job that does not resume must not start in a dir holding a run's results."""
+    from . import rundir
+
+    if not writes_runs or "out_dir" not in cfg:
+        return
+    if cfg.get("resume"):
+        return   # resume= writes into the checkpoint's run; auto checks the config there
+    try:
+        out_dir = cfg.out_dir
+    except Exception:
+        return   # reported by validation
+    found = rundir.results_in(Path(str(out_dir)))
+    if found is not None:
+        raise ConfigError(f"out_dir={out_dir} already holds results ({found.name}); "
+                          f"nothing was overwritten: choose another dir")
