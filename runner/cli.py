@@ -94,10 +94,13 @@ def main(argv: list[str] | None = None) -> None:
             routes.check_resume_dir(overrides)
             overrides = rundir.prepare_resume(overrides, route.multirun)
         if not route.only_prints:   # --help, --cfg ...: Hydra answers, no job runs
-            validate_overrides(task, overrides, route.multirun, route)
+            with routes.one_line_errors():
+                validate_overrides(task, overrides, route.multirun, route)
         for note in notes:
             print(note, file=sys.stderr)
         _run_hydra_app(task, flags + overrides + _worker_overrides())
+    except routes.AlreadyFinished as done:   # resume=auto on a finished run: nothing to do
+        print(f"rode {task}: {done}", flush=True)
     except _StopRequested as stop:
         _die(str(stop.error), stop.error.exit_code, task)
     except RodeError as e:
@@ -200,7 +203,9 @@ def validate_overrides(task: str, overrides: list[str], multirun: bool,
         try:
             parsed = OverridesParser.create().parse_overrides(overrides)
         except HydraException as e:
-            raise ConfigError(_hydra_message(e, overrides)) from None
+            raise ConfigError(routes.unreadable_value(task, overrides)
+                              or _hydra_message(e, overrides)) from None
+        routes.check_group_values(parsed, task)
         axes = []
         for o in parsed:
             if o.is_hydra_override():
@@ -215,11 +220,12 @@ def validate_overrides(task: str, overrides: list[str], multirun: bool,
                            and not o.is_sweep_override()]
         # hydra.sweeper.params.<key>=interval(...) on the command line: a search space
         prefix = "hydra.sweeper.params."
-        more_space = [f"{o.key_or_group[len(prefix):]}={_sweep_values(o)[0]}" for o in parsed
+        more_space = {o.key_or_group[len(prefix):]: _sweep_values(o) for o in parsed
                       if o.is_hydra_override() and o.is_sweep_override()
-                      and o.key_or_group.startswith(prefix)]
+                      and o.key_or_group.startswith(prefix)}
         intervals = _float_intervals(parsed)   # for a hint when an integer key gets floats
         key, out_dir, jobs = ("hydra.sweep.dir" if multirun else "hydra.run.dir"), None, []
+        dir_error = None
         for combo in _combinations(axes):
             try:
                 cfg = compose(config_name=config_name, overrides=[*combo, *hydra_overrides],
@@ -228,23 +234,27 @@ def validate_overrides(task: str, overrides: list[str], multirun: bool,
                 raise ConfigError(_hydra_message(e, list(combo))) from None
             try:
                 out_dir = out_dir or OmegaConf.select(cfg, key, default=None)
-            except OmegaConfBaseException:
-                pass   # the dir depends on a value that validate() reports as missing
+            except OmegaConfBaseException as e:
+                dir_error = e   # the dir depends on a value validate() may report as missing
             space = _parse_space(cfg)
-            searched = _search_space(space) + more_space
+            searched = _search_points({**_search_space(space), **more_space})
             with open_dict(cfg):
                 del cfg["hydra"]
             with _float_interval_hint(intervals):
                 config.validate(task, cfg)
             jobs.append(cfg)
-            if searched and len(jobs) == 1:   # a sweeper's search space (hparams_search=...)
+            for searched_point in (searched if len(jobs) == 1 else []):
+                # a sweeper's search space (hparams_search=...): every value it can take
                 try:
-                    point = compose(config_name=config_name, overrides=[*combo, *hydra_overrides,
-                                                                 *searched])
+                    point = compose(config_name=config_name,
+                                    overrides=[*combo, *hydra_overrides, *searched_point])
                 except HydraException as e:
-                    raise ConfigError("hydra.sweeper.params: " + _hydra_message(e, searched)) from None
+                    raise ConfigError("hydra.sweeper.params: "
+                                      + _hydra_message(e, searched_point)) from None
                 with _float_interval_hint({**intervals, **_float_intervals(space)}):
                     config.validate(task, point)
+        if out_dir is None and dir_error is not None:
+            raise ConfigError(routes.omegaconf_message(dir_error))
         module = load_task(task)
         auto = bool(jobs and jobs[0].get("resume") == "auto")
         for cfg in jobs:
@@ -252,12 +262,15 @@ def validate_overrides(task: str, overrides: list[str], multirun: bool,
                 cfg.out_dir = out_dir   # resume=auto checks the checkpoint there, if any
             if hasattr(module, "validate"):
                 module.validate(cfg)
+        routes.check_task_overrides(task, overrides, jobs)
         routes.check_out_dirs(task, jobs, TASKS[task].writes_runs)
         if out_dir is not None:   # last: a bad value elsewhere creates nothing
             config.check_writable_dir(out_dir, key)
             resuming = bool(jobs and jobs[0].get("resume")) and not auto
             if TASKS[task].writes_runs and not resuming:
                 rundir.check_fresh(out_dir, key, multirun, auto=auto)
+            if auto and not multirun:
+                routes.check_not_finished(task, out_dir)
 
 
 def _sweep_values(o) -> list[str]:
@@ -325,11 +338,24 @@ def _parse_space(cfg) -> list:
         raise ConfigError(f"hydra.sweeper.params: {str(e).strip().splitlines()[0]}") from None
 
 
-def _search_space(space: list) -> list[str]:
-    """A search space (:func:`_parse_space`) as overrides of one point of it: each
-    key at its first choice or its interval's start."""
-    return [f"{o.get_key_element()}={_sweep_values(o)[0]}" if o.is_sweep_override()
-            else o.input_line for o in space]
+def _search_space(space: list) -> dict[str, list[str]]:
+    """A search space (:func:`_parse_space`) as {key: every value a sweeper can give it}
+    (each choice, an interval's two ends)."""
+    return {o.get_key_element(): _sweep_values(o) if o.is_sweep_override()
+            else [o.input_line.split("=", 1)[1]] for o in space}
+
+
+def _search_points(space: dict[str, list[str]]) -> list[list[str]]:
+    """Points of a search space (as overrides) that give every key each of its values
+    once: each key at its first value, then one key at a time at each other value, so
+    that ``choice(4, 0, -3)`` is refused before trial 1 however the sweeper samples."""
+    if not space:
+        return []
+    base = {k: values[0] for k, values in space.items()}
+    points = [base]
+    for key, values in space.items():
+        points += [{**base, key: v} for v in values[1:]]
+    return [[f"{k}={v}" for k, v in point.items()] for point in points]
 
 
 def _combinations(axes: list[list[str]]):
@@ -356,8 +382,9 @@ def _hydra_message(e: Exception, overrides: list[str]) -> str:
         option = next((o.split("=", 1)[1] for o in overrides if o.startswith("hydra/launcher=")), "")
         return (f"hydra/launcher={option} needs the launcher plugins: "
                 f"pip install 'rode[cluster]'")
-    if isinstance(e, MissingConfigException) and "Could not find '" in text:
-        missing = text.split("Could not find '", 1)[1].split("'", 1)[0]
+    found = next((w for w in ("Could not find '", "Could not load '") if w in text), None)
+    if (isinstance(e, MissingConfigException) or found == "Could not load '") and found:
+        missing = text.split(found, 1)[1].split("'", 1)[0]
         group, _, option = missing.rpartition("/")
         if group and GlobalHydra.instance().is_initialized():
             options = GlobalHydra.instance().config_loader().get_group_options(group)

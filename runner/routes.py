@@ -94,6 +94,15 @@ def read(task: str, flags: list[str], overrides: list[str]) -> Route:
         raise ConfigError("--experimental-rerun replays a pickled config that rode cannot "
                           "check; run the command again with the overrides in "
                           "<run dir>/.hydra/overrides.yaml")
+    commands = [name for name, given in (("--run", args.run), ("--multirun", args.multirun),
+                                         ("--cfg", args.cfg is not None),
+                                         ("--info", args.info is not None),
+                                         ("--shell-completion", args.shell_completion)) if given]
+    if len(commands) > 1:
+        raise ConfigError(f"{' and '.join(commands)} cannot be given together; choose one of "
+                          f"--run, --multirun, --cfg, --info, --shell-completion")
+    if args.resolve and args.cfg is None and not args.help:
+        raise ConfigError("--resolve goes with --cfg (or --help)")
     route = Route(task, args, list(overrides), multirun=bool(args.multirun))
     if not route.only_prints:
         route.multirun = route.multirun or _config_mode(route) == "MULTIRUN"
@@ -205,3 +214,102 @@ def check_job_dir(task: str, cfg, writes_runs: bool) -> None:
     if found is not None:
         raise ConfigError(f"out_dir={out_dir} already holds results ({found.name}); "
                           f"nothing was overwritten: choose another dir")
+
+
+class AlreadyFinished(Exception):
+    """resume=auto on a run that is over: nothing runs, nothing is rewritten (exit 0)."""
+
+
+def check_not_finished(task: str, out_dir) -> None:
+    """resume=auto into a finished run (every epoch, or an early stop): raise
+    AlreadyFinished before Hydra rewrites the run's .hydra/ and log."""
+    from . import rundir
+
+    path = Path(str(out_dir)).expanduser()
+    if (path / rundir.CHECKPOINT).is_file() and rundir.finished(path):
+        raise AlreadyFinished(f"already finished -> {path} (nothing rewritten)")
+
+
+def override_keys(overrides: list[str]) -> list[str]:
+    """The dotted keys the command line sets (not Hydra's own)."""
+    keys = []
+    for word in overrides:
+        key = word.split("=", 1)[0].lstrip("+~")
+        if "=" in word and not key.startswith("hydra") and "/" not in key:
+            keys.append(key)
+    return keys
+
+
+def check_task_overrides(task: str, overrides: list[str], jobs: list) -> None:
+    """Checks that need to know what the command line set, not only the config:
+    gradcheck with checkpoint= refuses architecture keys that contradict it."""
+    if task == "gradcheck":
+        from .tasks.gradcheck import contradictions
+
+        for cfg in jobs:
+            contradictions(cfg, override_keys(overrides))
+
+
+@contextlib.contextmanager
+def one_line_errors():
+    """OmegaConf's errors met while composing and validating (an interpolation to a
+    missing key or environment variable): one line naming the key."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        yield
+    except OmegaConfBaseException as e:
+        raise ConfigError(omegaconf_message(e)) from None
+
+
+def omegaconf_message(e) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    key = getattr(e, "full_key", None)
+    text = text.replace("KeyError raised while resolving interpolation: ", "")
+    if "interpolation" in type(e).__name__.lower() or "nterpolation" in text:
+        text += " (fix the ${...} in the value, or set the variable)"
+    return f"{key}: {text}" if key else text
+
+
+def check_group_values(parsed, task: str) -> None:
+    """``logger=null`` and other config groups given null or an unreadable option:
+    refused with the group's options (Hydra raises a bare ValueError for null)."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    loader = GlobalHydra.instance().config_loader()
+    for o in parsed:
+        key = o.get_key_element().lstrip("+~")
+        if o.is_hydra_override() or o.is_sweep_override():
+            continue
+        options = loader.get_group_options(key) if "." not in key else []
+        if options and o.value() is None:
+            raise ConfigError(f"{key}=null: {key} is a config group; choose from "
+                              f"{', '.join(options)} (a list for several, [] for none)")
+
+
+def unreadable_value(task: str, overrides: list[str]) -> str | None:
+    """For an override Hydra's grammar cannot read (``method=éuler``): which one,
+    and what the key accepts, or None."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from .schema import TASK_SCHEMAS
+
+    parser = OverridesParser.create()
+    for word in overrides:
+        try:
+            parser.parse_overrides([word])
+        except Exception:
+            key = word.split("=", 1)[0].lstrip("+~")
+            spec = TASK_SCHEMAS[task].fields.get(key)
+            accepted = None
+            if spec is not None and getattr(spec, "choices", None):
+                accepted = ", ".join(map(str, spec.choices))
+            elif GlobalHydra.instance().is_initialized():
+                options = GlobalHydra.instance().config_loader().get_group_options(key)
+                accepted = ", ".join(options) or None
+            hint = (f"choose from {accepted}" if accepted
+                    else "quote a value with characters other than letters, digits and "
+                         "_-./: in '...'")
+            return f"{word} cannot be read: {hint}"
+    return None
