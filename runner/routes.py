@@ -104,8 +104,8 @@ def read(task: str, flags: list[str], overrides: list[str]) -> Route:
     if args.resolve and args.cfg is None and not args.help:
         raise ConfigError("--resolve goes with --cfg (or --help)")
     route = Route(task, args, list(overrides), multirun=bool(args.multirun))
-    if not route.only_prints:
-        route.multirun = route.multirun or _config_mode(route) == "MULTIRUN"
+    if not route.only_prints and not route.multirun and _may_set_mode(route):
+        route.multirun = _config_mode(route) == "MULTIRUN"
     return route
 
 
@@ -136,6 +136,25 @@ def initialize(route: Route | None):
         yield
     finally:
         GlobalHydra.instance().clear()
+
+
+def _may_set_mode(route: Route) -> bool:
+    """Whether hydra.mode can come from anything but rode's own task configs (which set
+    none): a hydra.* override, a config group option, or a config from the flags.
+    Reading the mode costs a full composition, so the plain case skips it."""
+    args = route.args
+    if args.config_dir or args.config_name or args.config_path:
+        return True
+    from .schema import TASK_SCHEMAS
+
+    keys = TASK_SCHEMAS[route.task].fields
+    for word in route.overrides:
+        key = word.split("=", 1)[0].lstrip("+~").split(".")[0].split("/")[0]
+        # a schema key (dataset=, model= included: their options are packaged under
+        # their key) cannot set hydra.*; hydra.mode=, experiment=, hparams_search= can
+        if key not in keys:
+            return True
+    return False
 
 
 def _config_mode(route: Route) -> str | None:
