@@ -307,11 +307,10 @@ def test_every_flag_of_hydra_is_covered():
         assert set(action.option_strings) <= typed, f"{action.option_strings} not in the table"
 
 
-@pytest.mark.parametrize("flags", [["-m"], ["--multirun", "-cd", CONF], ["hydra.mode=MULTIRUN"]],
-                         ids=" ".join)
-def test_multirun_routes(flags, files, tmp_path, monkeypatch, capsys):
-    """A sweep and a search space through the multirun routes: every value checked
-    (choice(4, 0, -3) refused before trial 1), nothing written."""
+def test_multirun_routes(files, tmp_path, monkeypatch, capsys):
+    """A sweep and a search space through the multirun routes (in turn): every value
+    checked (choice(4, 0, -3) refused before trial 1), nothing written."""
+    routes = [["-m"], ["--multirun", "-cd", CONF], ["hydra.mode=MULTIRUN"]]
     cases = [(["depth=4,0"], ["depth=0"]),
              (["method=euler,éuler"], ["éuler", "euler, heun"]),
              (["hparams_search=optuna", "hydra.sweeper.params.depth=choice(4,0,-3)"], ["depth=0"]),
@@ -322,7 +321,8 @@ def test_multirun_routes(flags, files, tmp_path, monkeypatch, capsys):
         cwd = tmp_path / f"case{i}"
         cwd.mkdir()
         try:
-            check("train", overrides, words, files, cwd, monkeypatch, capsys, flags)
+            check("train", overrides, words, files, cwd, monkeypatch, capsys,
+                  routes[i % len(routes)])
         finally:
             monkeypatch.undo()
 
