@@ -7,15 +7,32 @@ costs one line on stderr and exit code 2, and nothing already written is touched
 """
 from __future__ import annotations
 
-import contextlib
-import itertools
 import os
+import signal
 import sys
 
-from . import config, routes, rundir
-from .errors import ConfigError, Interrupted, RodeError, RunFailed
-from .schema import TASK_SCHEMAS
-from .tasks import TASKS, load_task
+
+def _interrupted_early(signum, frame):
+    """Ctrl-C while the command is still importing: one line, not a traceback."""
+    os.write(2, b"rode: interrupted (Ctrl-C) before the run started; nothing was run\n")
+    os._exit(130)
+
+
+# Only as the `rode` command (not when a program or a test imports this module);
+# main() puts Python's own handler back once everything is imported.
+_EARLY = (os.path.basename(sys.argv[0]) == "rode"
+          or sys.argv[0].endswith(os.path.join("runner", "__main__.py"))) and \
+    signal.getsignal(signal.SIGINT) is signal.default_int_handler
+if _EARLY:
+    signal.signal(signal.SIGINT, _interrupted_early)
+
+import contextlib  # noqa: E402
+import itertools  # noqa: E402
+
+from . import config, routes, rundir  # noqa: E402
+from .errors import ConfigError, Interrupted, RodeError, RunFailed  # noqa: E402
+from .schema import TASK_SCHEMAS  # noqa: E402
+from .tasks import TASKS, load_task  # noqa: E402
 
 _MAX_COMBINATIONS = 256
 
@@ -76,6 +93,8 @@ def renamed_keys(task: str, overrides: list[str], notes: list[str] | None = None
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if _EARLY and signal.getsignal(signal.SIGINT) is _interrupted_early:
+        signal.signal(signal.SIGINT, signal.default_int_handler)   # main() handles it now
     task, flags, overrides = split_argv(argv)
     if task is None:
         if any(f in ("-h", "--help") for f in flags):
@@ -101,6 +120,8 @@ def main(argv: list[str] | None = None) -> None:
         _run_hydra_app(task, flags + overrides + _worker_overrides())
     except routes.AlreadyFinished as done:   # resume=auto on a finished run: nothing to do
         print(f"rode {task}: {done}", flush=True)
+    except KeyboardInterrupt:   # Ctrl-C before the run started (or between jobs)
+        _die("interrupted (Ctrl-C) before the run started; nothing was run", 130, task)
     except _StopRequested as stop:
         _die(str(stop.error), stop.error.exit_code, task)
     except RodeError as e:
@@ -169,6 +190,9 @@ def _run_hydra_app(task: str, argv: list[str]) -> None:
             if HydraConfig.get().mode == RunMode.RUN:
                 raise _StopRequested(e) from None
             raise
+        except KeyboardInterrupt:
+            # a second Ctrl-C (the first asks for a checkpoint; see checkpoint.StopSignals)
+            raise _StopRequested(routes.interrupted(cfg, TASKS[task].writes_runs)) from None
         except OSError as e:
             # A full disk, a lost permission: one line naming the cause and the file.
             failed = RunFailed(rundir.os_error_message(e))

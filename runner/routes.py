@@ -332,3 +332,21 @@ def unreadable_value(task: str, overrides: list[str]) -> str | None:
                          "_-./: in '...'")
             return f"{word} cannot be read: {hint}"
     return None
+
+
+def interrupted(cfg, writes_runs: bool):
+    """A second Ctrl-C stops at once: an Interrupted error (exit 130) whose one line
+    says what is kept, and a failed summary where the run writes one."""
+    import signal
+
+    from . import rundir
+    from .errors import Interrupted
+
+    message = ("stopped at once by a second Ctrl-C; results after the last checkpoint are "
+               "lost (continue with resume=<run dir> where it holds checkpoint.pt)")
+    if writes_runs:
+        try:
+            rundir.write_failed_summary(cfg.out_dir, message)
+        except Exception:
+            pass
+    return Interrupted(message, signal.SIGINT)
