@@ -7,20 +7,33 @@ costs one line on stderr and exit code 2, and nothing already written is touched
 """
 from __future__ import annotations
 
-import contextlib
-import itertools
 import os
+import signal
 import sys
 
-from . import config, once, rundir
-from .errors import ConfigError, Interrupted, RodeError, RunFailed
-from .schema import TASK_SCHEMAS, has_key
-from .tasks import TASKS, load_task
 
-# Hydra flags that take a value (the next word is not the task name).
-_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp",
-                     "--config-name", "-cn", "--config-dir", "-cd", "--experimental-rerun"}
-_MULTIRUN = {"-m", "--multirun"}
+def _interrupted_early(signum, frame):
+    """Ctrl-C while the command is still importing: one line, not a traceback."""
+    os.write(2, b"rode: interrupted (Ctrl-C) before the run started; nothing was run\n")
+    os._exit(130)
+
+
+# Only as the `rode` command (not when a program or a test imports this module);
+# main() puts Python's own handler back once everything is imported.
+_EARLY = (os.path.basename(sys.argv[0]) == "rode"
+          or sys.argv[0].endswith(os.path.join("runner", "__main__.py"))) and \
+    signal.getsignal(signal.SIGINT) is signal.default_int_handler
+if _EARLY:
+    signal.signal(signal.SIGINT, _interrupted_early)
+
+import contextlib  # noqa: E402
+import itertools  # noqa: E402
+
+from . import config, once, routes, rundir  # noqa: E402
+from .errors import ConfigError, Interrupted, RodeError, RunFailed  # noqa: E402
+from .schema import TASK_SCHEMAS, has_key  # noqa: E402
+from .tasks import TASKS, load_task  # noqa: E402
+
 _MAX_COMBINATIONS = 256
 
 
@@ -36,19 +49,8 @@ def usage() -> str:
 
 
 def split_argv(argv: list[str]) -> tuple[str | None, list[str], list[str]]:
-    """-> (task, hydra flags, overrides)."""
-    task, flags, overrides = None, [], []
-    it = iter(argv)
-    for word in it:
-        if word.startswith("-") and "=" not in word:
-            flags.append(word)
-            if word in _FLAGS_WITH_VALUE:
-                flags.append(next(it, ""))
-        elif task is None and "=" not in word:
-            task = word
-        else:
-            overrides.append(word)
-    return task, flags, overrides
+    """-> (task, hydra flags, overrides), the flags as Hydra's own parser reads them."""
+    return routes.split_argv(argv)
 
 
 def bind_positional(key: str | None, overrides: list[str]) -> list[str]:
@@ -117,6 +119,8 @@ def _renamed_experiment(task: str, prefix: str, value: str, notes: list[str] | N
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if _EARLY and signal.getsignal(signal.SIGINT) is _interrupted_early:
+        signal.signal(signal.SIGINT, signal.default_int_handler)   # main() handles it now
     task, flags, overrides = split_argv(argv)
     if task is None:
         if any(f in ("-h", "--help") for f in flags):
@@ -126,19 +130,24 @@ def main(argv: list[str] | None = None) -> None:
     if task not in TASKS:
         _die(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
 
-    multirun = any(f in _MULTIRUN for f in flags)
-    only_hydra_flags = all(f in _MULTIRUN for f in flags)   # --help, --cfg ...: let Hydra answer
     try:
         overrides = bind_positional(TASKS[task].positional, overrides)
         notes: list[str] = []
         overrides = renamed_keys(task, overrides, notes)
+        route = routes.read(task, flags, overrides)
         if "resume" in TASK_SCHEMAS[task].fields:
-            overrides = rundir.prepare_resume(overrides, multirun)
-        if only_hydra_flags:
-            validate_overrides(task, overrides, multirun)
+            routes.check_resume_dir(overrides)
+            overrides = rundir.prepare_resume(overrides, route.multirun)
+        if not route.only_prints:   # --help, --cfg ...: Hydra answers, no job runs
+            with routes.one_line_errors():
+                validate_overrides(task, overrides, route.multirun, route)
         for note in notes:
             print(note, file=sys.stderr)
         _run_hydra_app(task, flags + overrides + _worker_overrides())
+    except routes.AlreadyFinished as done:   # resume=auto on a finished run: nothing to do
+        print(f"rode {task}: {done}", flush=True)
+    except KeyboardInterrupt:   # Ctrl-C before the run started (or between jobs)
+        _die("interrupted (Ctrl-C) before the run started; nothing was run", 130, task)
     except _StopRequested as stop:
         _die(str(stop.error), stop.error.exit_code, task)
     except RodeError as e:
@@ -190,6 +199,7 @@ def _run_hydra_app(task: str, argv: list[str]) -> None:
     def app(cfg):
         module = load_task(task)   # here: `rode <task> --help` need not import torch
         try:
+            routes.check_job_dir(task, cfg, TASKS[task].writes_runs)
             # Only the stages the pre-flight did not already pass for this job's config
             # (a point a sweeper sampled, a job on another machine: every stage).
             config.validate(task, cfg, environment=True, skip=once.passed(once.job_key(task, cfg)))
@@ -207,6 +217,9 @@ def _run_hydra_app(task: str, argv: list[str]) -> None:
             if HydraConfig.get().mode == RunMode.RUN:
                 raise _StopRequested(e) from None
             raise
+        except KeyboardInterrupt:
+            # a second Ctrl-C (the first asks for a checkpoint; see checkpoint.StopSignals)
+            raise _StopRequested(routes.interrupted(cfg, TASKS[task].writes_runs)) from None
         except OSError as e:
             # A full disk, a lost permission: one line naming the cause and the file.
             failed = RunFailed(rundir.os_error_message(e))
@@ -225,24 +238,26 @@ def _run_hydra_app(task: str, argv: list[str]) -> None:
 
 
 # ---------------------------------------------------------------- validation
-def validate_overrides(task: str, overrides: list[str], multirun: bool) -> None:
+def validate_overrides(task: str, overrides: list[str], multirun: bool,
+                       route: routes.Route | None = None) -> None:
     """Compose and validate the config of every job the command line describes: the
     schema and rules of every job first (no torch), then the task's own checks, then
     the output dir. Nothing is written before all of them pass."""
-    from hydra import compose, initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
+    from hydra import compose
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
     from omegaconf import OmegaConf, open_dict
     from omegaconf.errors import OmegaConfBaseException
 
-    GlobalHydra.instance().clear()
+    config_name = route.config_name if route is not None else task
     once.forget()
-    with initialize_config_module("runner.conf", version_base="1.3"):
+    with routes.initialize(route):
         try:
             parsed = OverridesParser.create().parse_overrides(overrides)
         except HydraException as e:
-            raise ConfigError(_hydra_message(e, overrides)) from None
+            raise ConfigError(routes.unreadable_value(task, overrides)
+                              or _hydra_message(e, overrides)) from None
+        routes.check_group_values(parsed, task)
         axes = []
         for o in parsed:
             if o.is_hydra_override():
@@ -257,24 +272,25 @@ def validate_overrides(task: str, overrides: list[str], multirun: bool) -> None:
                            and not o.is_sweep_override()]
         # hydra.sweeper.params.<key>=interval(...) on the command line: a search space
         prefix = "hydra.sweeper.params."
-        more_space = [f"{o.key_or_group[len(prefix):]}={_sweep_values(o)[0]}" for o in parsed
+        more_space = {o.key_or_group[len(prefix):]: _sweep_values(o) for o in parsed
                       if o.is_hydra_override() and o.is_sweep_override()
-                      and o.key_or_group.startswith(prefix)]
+                      and o.key_or_group.startswith(prefix)}
         intervals = _float_intervals(parsed)   # for a hint when an integer key gets floats
         key, out_dir, jobs = ("hydra.sweep.dir" if multirun else "hydra.run.dir"), None, []
         keys: list[str] = []   # each job's runner.once key, taken before anything changes it
+        dir_error = None
         for combo in _combinations(axes):
             try:
-                cfg = compose(config_name=task, overrides=[*combo, *hydra_overrides],
+                cfg = compose(config_name=config_name, overrides=[*combo, *hydra_overrides],
                               return_hydra_config=True)
             except HydraException as e:
                 raise ConfigError(_hydra_message(e, list(combo))) from None
             try:
                 out_dir = out_dir or OmegaConf.select(cfg, key, default=None)
-            except OmegaConfBaseException:
-                pass   # the dir depends on a value that validate() reports as missing
+            except OmegaConfBaseException as e:
+                dir_error = e   # the dir depends on a value validate() may report as missing
             space = _parse_space(cfg)
-            searched = _search_space(space) + more_space
+            searched = _search_points({**_search_space(space), **more_space})
             with open_dict(cfg):
                 del cfg["hydra"]
             with _float_interval_hint(intervals):
@@ -282,26 +298,33 @@ def validate_overrides(task: str, overrides: list[str], multirun: bool) -> None:
             keys.append(once.job_key(task, cfg))
             once.record(keys[-1], stages)
             jobs.append(cfg)
-            if searched and len(jobs) == 1:   # a sweeper's search space (hparams_search=...)
+            for searched_point in (searched if len(jobs) == 1 else []):
+                # a sweeper's search space (hparams_search=...): every value it can take
                 try:
-                    point = compose(config_name=task, overrides=[*combo, *hydra_overrides,
-                                                                 *searched])
+                    point = compose(config_name=config_name,
+                                    overrides=[*combo, *hydra_overrides, *searched_point])
                 except HydraException as e:
-                    raise ConfigError("hydra.sweeper.params: " + _hydra_message(e, searched)) from None
+                    raise ConfigError("hydra.sweeper.params: "
+                                      + _hydra_message(e, searched_point)) from None
                 with _float_interval_hint({**intervals, **_float_intervals(space)}):
                     config.validate(task, point)
+        if out_dir is None and dir_error is not None:
+            raise ConfigError(routes.omegaconf_message(dir_error))
         auto = bool(jobs and jobs[0].get("resume") == "auto")
         for job_key, cfg in zip(keys, jobs, strict=True):
             if auto and not multirun and out_dir is not None:
                 cfg.out_dir = out_dir   # resume=auto checks the checkpoint there, if any
             once.record(job_key, config.validate(task, cfg, environment=True,
                                                  skip=once.passed(job_key)))
+        routes.check_task_overrides(task, overrides, jobs)
+        routes.check_out_dirs(task, jobs, TASKS[task].writes_runs)
         if out_dir is not None:   # last: a bad value elsewhere creates nothing
             config.check_writable_dir(out_dir, key)
             resuming = bool(jobs and jobs[0].get("resume")) and not auto
             if TASKS[task].writes_runs and not resuming:
                 rundir.check_fresh(out_dir, key, multirun, auto=auto)
-    GlobalHydra.instance().clear()
+            if auto and not multirun:
+                routes.check_not_finished(task, out_dir)
 
 
 def _sweep_values(o) -> list[str]:
@@ -369,11 +392,24 @@ def _parse_space(cfg) -> list:
         raise ConfigError(f"hydra.sweeper.params: {str(e).strip().splitlines()[0]}") from None
 
 
-def _search_space(space: list) -> list[str]:
-    """A search space (:func:`_parse_space`) as overrides of one point of it: each
-    key at its first choice or its interval's start."""
-    return [f"{o.get_key_element()}={_sweep_values(o)[0]}" if o.is_sweep_override()
-            else o.input_line for o in space]
+def _search_space(space: list) -> dict[str, list[str]]:
+    """A search space (:func:`_parse_space`) as {key: every value a sweeper can give it}
+    (each choice, an interval's two ends)."""
+    return {o.get_key_element(): _sweep_values(o) if o.is_sweep_override()
+            else [o.input_line.split("=", 1)[1]] for o in space}
+
+
+def _search_points(space: dict[str, list[str]]) -> list[list[str]]:
+    """Points of a search space (as overrides) that give every key each of its values
+    once: each key at its first value, then one key at a time at each other value, so
+    that ``choice(4, 0, -3)`` is refused before trial 1 however the sweeper samples."""
+    if not space:
+        return []
+    base = {k: values[0] for k, values in space.items()}
+    points = [base]
+    for key, values in space.items():
+        points += [{**base, key: v} for v in values[1:]]
+    return [[f"{k}={v}" for k, v in point.items()] for point in points]
 
 
 def _combinations(axes: list[list[str]]):
@@ -400,8 +436,9 @@ def _hydra_message(e: Exception, overrides: list[str]) -> str:
         option = next((o.split("=", 1)[1] for o in overrides if o.startswith("hydra/launcher=")), "")
         return (f"hydra/launcher={option} needs the launcher plugins: "
                 f"pip install 'rode[cluster]'")
-    if isinstance(e, MissingConfigException) and "Could not find '" in text:
-        missing = text.split("Could not find '", 1)[1].split("'", 1)[0]
+    found = next((w for w in ("Could not find '", "Could not load '") if w in text), None)
+    if (isinstance(e, MissingConfigException) or found == "Could not load '") and found:
+        missing = text.split(found, 1)[1].split("'", 1)[0]
         group, _, option = missing.rpartition("/")
         if group and GlobalHydra.instance().is_initialized():
             options = GlobalHydra.instance().config_loader().get_group_options(group)

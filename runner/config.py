@@ -90,6 +90,11 @@ def check_dataset_values(cfg) -> None:
         if d.num_samples - n_test < 1:
             raise ConfigError(f"dataset.num_samples={d.num_samples} with dataset.test_fraction="
                               f"{d.test_fraction} leaves no training example")
+        val = d.get("val_fraction") or 0
+        if val and d.num_samples - n_test - max(1, int(round(val * (d.num_samples - n_test)))) < 1:
+            raise ConfigError(f"dataset.val_fraction={val} of the {d.num_samples - n_test} training "
+                              f"examples (dataset.num_samples={d.num_samples}) leaves none to "
+                              f"train on; set a smaller dataset.val_fraction")
     if d.name == "imagenet":
         if d.resize < d.image_size:
             raise ConfigError(f"dataset.resize={d.resize} must be >= dataset.image_size={d.image_size}")

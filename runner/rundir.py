@@ -10,8 +10,11 @@ from .errors import ConfigError
 from .io import read_json, write_json
 
 CHECKPOINT = "checkpoint.pt"
-# Files whose presence means a dir holds a run's results.
-RESULTS = ("summary.json", CHECKPOINT, "metrics.jsonl")
+# Files whose presence means a dir holds a run's results: every task's, and the partial
+# ones written while a task runs (bench.csv grows after each depth).
+RESULTS = ("summary.json", CHECKPOINT, "metrics.jsonl", "bench.csv", "bench.json",
+           "memory.csv", "grad_error.csv", "discretization.csv", "slopes.csv",
+           "linear_metrics.csv")
 # What `rode train resume=<dir>` may change: the rest is the checkpoint's config.
 RESUME_KEYS = ("device", "progress", "threads", "save")
 
@@ -44,6 +47,15 @@ def results_in(path: Path, depth: int = 0) -> Path | None:
             if found is not None:
                 return found
     return None
+
+
+def finished(run_dir) -> bool:
+    """Whether the run in ``run_dir`` is over: its summary says completed (every epoch
+    done, or stopped early by its monitor)."""
+    try:
+        return read_json(Path(str(run_dir)) / "summary.json").get("status") == "completed"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def check_fresh(path, key: str, sweep: bool, auto: bool = False) -> None:

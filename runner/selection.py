@@ -15,6 +15,7 @@ from torch.utils.data import Subset
 
 from . import checkpoint, names
 from .databundle import DataBundle
+from .errors import ConfigError
 
 BEST = "best.pt"
 
@@ -32,6 +33,9 @@ def split_validation(data: DataBundle, fraction: float, seed: int = VAL_SPLIT_SE
         return data
     n = len(data.train)
     n_val = max(1, int(round(fraction * n)))
+    if n_val >= n:
+        raise ConfigError(f"dataset.val_fraction={fraction:g} of {n} training examples leaves "
+                          f"none to train on; set a smaller dataset.val_fraction")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     return DataBundle(Subset(data.train, order[n_val:]), data.test, data.input_shape,
                       data.num_classes, val=Subset(data.train, order[:n_val]))

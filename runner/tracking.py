@@ -236,5 +236,11 @@ def start(cfg, out_dir: Path, config: dict, saved: dict | None) -> Trackers | No
     for name in names:
         opts = chosen[name]
         opts = OmegaConf.to_container(opts, resolve=True) if OmegaConf.is_config(opts) else dict(opts or {})
-        backends[name] = BACKENDS[name](opts, Path(out_dir), config, saved or {})
+        try:
+            backends[name] = BACKENDS[name](opts, Path(out_dir), config, saved or {})
+        except Exception as e:   # a tracking URI or server the logger cannot use: one line
+            from .errors import RunFailed
+            where = opts.get("tracking_uri") or opts.get("dir") or out_dir
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise RunFailed(f"logger={name} cannot start with {where}: {first}") from None
     return Trackers(backends)

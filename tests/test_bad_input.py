@@ -6,6 +6,7 @@ code 2 and one line on stderr naming the bad key, before the task runs (its run(
 is replaced by a tripwire) and without touching what is already on disk.
 """
 import hashlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -160,6 +161,22 @@ def cases_for(task: str, files) -> list[tuple[list[str], list[str]]]:
                   ([f"resume={files['run']}", "depth=8"], ["resume", "depth"])]
     if task == "report":
         cases += [([f"dir={files['missing'].parent}"], ["dir"]), ([f"dir={files['text']}"], ["dir"])]
+    # one line for what Hydra and OmegaConf would answer with a traceback
+    cases += [(["hydra.run.dir=outputs/${nonexistent}"], ["hydra.run.dir", "nonexistent"])]
+    for key in [k for k in ("lr", "width", "depth", "depths") if has(k)][:1]:
+        cases += [([f"{key}=${{nonexistent}}"], [key, "nonexistent"]),
+                  ([f"{key}=${{oc.env:RODE_NO_SUCH_VARIABLE}}"], [key, "RODE_NO_SUCH_VARIABLE"])]
+    if has("method"):
+        cases += [(["method=éuler"], ["method=éuler", "euler, heun"])]
+    if "logger" in cfg:
+        cases += [(["logger=null"], ["logger", "tensorboard"]),
+                  (["logger=[tensorboard,nope]"], ["logger", "nope", "choose from"])]
+    if has("dataset") and has("depth"):
+        cases += [(["dataset=synthetic", "dataset.num_samples=100", "dataset.val_fraction=0.999"],
+                   ["dataset.val_fraction", "none to train"])]
+    if task == "gradcheck":
+        cases += [([f"checkpoint={files['run']}", "width=64"], ["width=64", "contradicts"]),
+                  ([f"checkpoint={files['run']}", "model=conv"], ["model=conv", "contradicts"])]
     cases += [(["hydra.run.dir=/proc/forbidden/run"], ["hydra.run.dir", "cannot"]),
               ([f"hydra.run.dir={files['afile']}/run"], ["hydra.run.dir", "cannot"]),
               (["hydra.run.dir="], ["hydra.run.dir", "empty"])]
@@ -189,7 +206,7 @@ class Ran(Exception):
     pass
 
 
-def check(task, overrides, words, files, tmp_path, monkeypatch, capsys):
+def check(task, overrides, words, files, tmp_path, monkeypatch, capsys, flags=()):
     from runner import cli
     from runner.tasks import load_task
 
@@ -200,8 +217,8 @@ def check(task, overrides, words, files, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(module, "run", tripwire)
     monkeypatch.chdir(tmp_path)
     before = _digest(files["root"])
-    args = [task, *[o for o in base_overrides(task, files)
-                    if o.split("=")[0] != overrides[0].split("=")[0]], *overrides]
+    args = [task, *flags, *[o for o in base_overrides(task, files)
+                            if o.split("=")[0] != overrides[0].split("=")[0]], *overrides]
     try:
         with pytest.raises(SystemExit) as exit_:
             cli.main(args)
@@ -217,18 +234,35 @@ def check(task, overrides, words, files, tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "outputs").exists(), f"rode {' '.join(args)} created outputs/"
 
 
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+def run_flags(task: str) -> list[list[str]]:
+    """Hydra's flags that run one job, as users type them (short and long, '=' or not)."""
+    return [[], ["--run"], ["-r"], ["--config-dir", CONF], [f"-cd={CONF}"],
+            ["--config-name", task], [f"-cn={task}"], ["--config-path", CONF], [f"-cp={CONF}"],
+            ["hydra.mode=RUN"], ["-r", "-cd", CONF, f"--config-name={task}"]]
+
+
 @pytest.mark.parametrize("task", list(TASKS))
 def test_every_bad_input_is_one_line_exit_2(task, files, tmp_path, monkeypatch, capsys):
+    """The whole table; each case through one of Hydra's routes (in turn, shifted per
+    task, so that every key meets several), since bad input must be refused
+    whichever flags start the task."""
     failures = []
+    routes = run_flags(task)
+    shift = list(TASKS).index(task)
     for i, (overrides, words) in enumerate(cases_for(task, files)):
         cwd = tmp_path / f"case{i}"
         cwd.mkdir()
+        flags = routes[(i + shift) % len(routes)]
         try:
-            check(task, overrides, words, files, cwd, monkeypatch, capsys)
+            check(task, overrides, words, files, cwd, monkeypatch, capsys, flags)
         except (AssertionError, pytest.fail.Exception) as e:
             failures.append(str(e).splitlines()[0][:300])
         except Exception as e:   # a traceback is a failure of this test too
-            failures.append(f"rode {task} {' '.join(overrides)}: {type(e).__name__}: "
+            failures.append(f"rode {task} {' '.join(flags)} {' '.join(overrides)}: "
+                            f"{type(e).__name__}: "
                             f"{str(e).splitlines()[0][:200] if str(e) else ''}")
         finally:
             monkeypatch.undo()
@@ -256,3 +290,43 @@ def test_existing_run_dir_is_not_overwritten(files, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_.value.code == 2 and len(err) == 1 and "already holds a run" in err[0]
     assert _digest(files["run"]) == before
+
+
+def test_every_flag_of_hydra_is_covered():
+    """A flag Hydra adds is either one that only prints (no job runs) or one the
+    table runs its cases with: a new flag cannot open a way around the checks."""
+    from hydra._internal.utils import get_args_parser
+
+    from runner.routes import _ONLY_PRINT
+
+    typed = {f.split("=")[0] for flags in run_flags("train") for f in flags if f.startswith("-")}
+    typed |= {"--multirun", "-m", "--experimental-rerun"}   # test_multirun_routes, refused
+    for action in get_args_parser()._actions:
+        if action.dest in _ONLY_PRINT or action.dest in ("overrides", "resolve", "package"):
+            continue
+        assert set(action.option_strings) <= typed, f"{action.option_strings} not in the table"
+
+
+def test_multirun_routes(files, tmp_path, monkeypatch, capsys):
+    """A sweep and a search space through the multirun routes (in turn): every value
+    checked (choice(4, 0, -3) refused before trial 1), nothing written."""
+    routes = [["-m"], ["--multirun", "-cd", CONF], ["hydra.mode=MULTIRUN"]]
+    cases = [(["depth=4,0"], ["depth=0"]),
+             (["method=euler,éuler"], ["éuler", "euler, heun"]),
+             (["hparams_search=optuna", "hydra.sweeper.params.depth=choice(4,0,-3)"], ["depth=0"]),
+             (["hparams_search=optuna", "hydra.sweeper.params.method=choice(heun,nope)"],
+              ["method", "nope"]),
+             (["depth=4,8", "hydra.sweep.dir=outputs/${nonexistent}"], ["hydra.sweep.dir"])]
+    for i, (overrides, words) in enumerate(cases):
+        cwd = tmp_path / f"case{i}"
+        cwd.mkdir()
+        try:
+            check("train", overrides, words, files, cwd, monkeypatch, capsys,
+                  routes[i % len(routes)])
+        finally:
+            monkeypatch.undo()
+
+
+def test_experimental_rerun_is_refused(files, tmp_path, monkeypatch, capsys):
+    check("train", ["depth=4"], ["--experimental-rerun"], files, tmp_path, monkeypatch, capsys,
+          ["--experimental-rerun", str(files["root"] / "config.pickle")])

@@ -41,6 +41,7 @@ from .. import checkpoint as ckpt
 from ..config import check_depths, check_image_data
 from ..data import build_dataset, make_loader
 from ..engine import seed_everything
+from ..errors import ConfigError
 from ..gradmodes import get_grad_mode
 from ..io import fit_slope, plain, read_csv, write_csv, write_json
 from ..measure import DTYPES, grad_mode_as, layer_groups, residual_stacks, untouched
@@ -61,9 +62,41 @@ def validate(cfg) -> None:
         architecture(cfg)
 
 
+def contradictions(cfg, keys) -> None:
+    """With checkpoint=, the checkpoint's config gives the architecture: a key of it
+    set on the command line (``keys``, dotted) to another value is refused, rather
+    than measuring one network and labelling it as another."""
+    if cfg.get("checkpoint") is None:
+        return
+    saved = ckpt.load(cfg.checkpoint)["config"]
+    for key in keys:
+        if key.split(".")[0] not in ARCHITECTURE:
+            continue
+        mine, theirs = OmegaConf.select(cfg, key, default=None), _select(saved, key)
+        mine = plain(mine)
+        if isinstance(mine, dict) and isinstance(theirs, dict):   # a group: its option
+            mine, theirs = mine.get("name"), theirs.get("name")
+        if theirs is not _MISSING and mine != theirs:
+            raise ConfigError(f"{key}={mine} contradicts checkpoint={cfg.checkpoint}: its model "
+                              f"has {key}={theirs}; leave {key} out (the checkpoint gives "
+                              f"the architecture: {', '.join(ARCHITECTURE)})")
+
+
+_MISSING = object()
+
+
+def _select(d: dict, key: str):
+    for part in key.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return _MISSING
+        d = d[part]
+    return d
+
+
 def architecture(cfg):
     """(config that builds the model, checkpoint or None)."""
-    arch = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    # out_dir is Hydra's, unknown before the job runs (and not the model's)
+    arch = OmegaConf.create(plain(cfg, exclude=["out_dir"]))
     checkpoint = None
     if cfg.checkpoint is not None:
         checkpoint = ckpt.load(cfg.checkpoint)

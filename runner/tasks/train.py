@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from .. import checkpoint, config
+from .. import checkpoint, config, rundir
 from ..engine import train
 from ..errors import ConfigError
 from ..io import flatten, format_size, plain, read_json
@@ -49,19 +49,25 @@ def validate_resume(cfg) -> None:
     validate(job)
     checkpoint.check_rebuilds(ckpt, job, f"resume={cfg.resume}")
     if finished(ckpt, job) and not cfg.get("auto"):
-        raise ConfigError(f"resume={cfg.resume}: the run already finished its {job.epochs} "
-                          f"epochs; nothing to resume")
+        raise ConfigError(f"resume={cfg.resume}: the run already finished "
+                          f"{_how_it_ended(job)}; nothing to resume")
 
 
 def finished(ckpt: dict, job) -> bool:
-    """Whether the checkpoint's run is over: every epoch done and its summary written
-    (a run stopped between its last checkpoint and its summary is not)."""
-    if ckpt["progress"]["epoch"] <= job.epochs:
-        return False
+    """Whether the checkpoint's run is over: its summary written as completed, after
+    every epoch or an early stop (a run stopped between its last checkpoint and its
+    summary is not)."""
+    return rundir.finished(job.out_dir)
+
+
+def _how_it_ended(job) -> str:
     try:
-        return read_json(Path(job.out_dir) / "summary.json").get("status") == "completed"
-    except (OSError, ValueError, AttributeError):
-        return False
+        summary = read_json(Path(job.out_dir) / "summary.json")
+    except (OSError, ValueError):
+        summary = {}
+    if summary.get("stopped_early"):
+        return f"(stopped early after epoch {summary.get('epochs_run', '?')} of {job.epochs})"
+    return f"its {job.epochs} epochs"
 
 
 # ------------------------------------------------------------------ resume=auto

@@ -1,0 +1,352 @@
+"""Every way of starting a task goes through the same checks.
+
+Hydra reads its own flags (``--run``, ``--multirun``, ``--config-dir``, ``--config-name``,
+``-cp``, ...) from the command line; rode reads them here with Hydra's own argument
+parser, so that a flag changes what is validated exactly as it changes what Hydra
+runs: the mode (a ``--run`` or ``hydra.mode=`` counts as Hydra counts it), the config
+(``--config-dir``, ``--config-name``, ``--config-path``), and hence every job's
+config and output dir. A flag Hydra adds later is parsed the same way, and only the
+flags that print something without running a job (``--help``, ``--cfg``, ``--info``,
+``--shell-completion``) skip the checks.
+
+Torch-free.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ConfigError
+
+# Flags after which Hydra prints something and runs no job.
+_ONLY_PRINT = ("help", "hydra_help", "version", "cfg", "info", "shell_completion")
+
+
+def _parser() -> argparse.ArgumentParser:
+    from hydra._internal.utils import get_args_parser
+
+    parser = get_args_parser()
+
+    def error(message):   # argparse prints usage and exits; one line instead
+        raise ConfigError(message)
+    parser.error = error
+    return parser
+
+
+def split_argv(argv: list[str]) -> tuple[str | None, list[str], list[str]]:
+    """-> (task, Hydra's flags with their values, overrides). Which words are flags,
+    and which take a value, is Hydra's parser's answer (``--config-dir=x`` too)."""
+    actions = _parser()._option_string_actions
+    task, flags, overrides = None, [], []
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        i += 1
+        name, eq, _ = word.partition("=")
+        action = actions.get(name) if word.startswith("-") else None
+        if action is not None:
+            flags.append(word)
+            if eq or action.nargs == 0:
+                continue
+            if action.nargs == "?":   # --info [what]
+                if i < len(argv) and action.choices and argv[i] in action.choices:
+                    flags.append(argv[i])
+                    i += 1
+                continue
+            if i < len(argv):   # else the parser says the value is missing
+                flags.append(argv[i])
+                i += 1
+        elif word.startswith("-") and not eq:
+            flags.append(word)           # unknown: refused by the parser, in one line
+        elif task is None and not eq:
+            task = word
+        else:
+            overrides.append(word)
+    return task, flags, overrides
+
+
+@dataclass
+class Route:
+    """How the command line starts its task: Hydra's parsed flags and what follows."""
+
+    task: str
+    args: argparse.Namespace
+    overrides: list[str] = field(default_factory=list)
+    multirun: bool = False
+
+    @property
+    def only_prints(self) -> bool:
+        """--help, --cfg, --info ...: Hydra answers; no job runs, nothing is written."""
+        return any(getattr(self.args, name, None) for name in _ONLY_PRINT)
+
+    @property
+    def config_name(self) -> str:
+        return self.args.config_name or self.task
+
+
+def read(task: str, flags: list[str], overrides: list[str]) -> Route:
+    """Parse Hydra's flags as Hydra will; refuse those that run a job rode cannot check."""
+    args = _parser().parse_args([*flags, *overrides])
+    if args.experimental_rerun is not None:
+        raise ConfigError("--experimental-rerun replays a pickled config that rode cannot "
+                          "check; run the command again with the overrides in "
+                          "<run dir>/.hydra/overrides.yaml")
+    commands = [name for name, given in (("--run", args.run), ("--multirun", args.multirun),
+                                         ("--cfg", args.cfg is not None),
+                                         ("--info", args.info is not None),
+                                         ("--shell-completion", args.shell_completion)) if given]
+    if len(commands) > 1:
+        raise ConfigError(f"{' and '.join(commands)} cannot be given together; choose one of "
+                          f"--run, --multirun, --cfg, --info, --shell-completion")
+    if args.resolve and args.cfg is None and not args.help:
+        raise ConfigError("--resolve goes with --cfg (or --help)")
+    route = Route(task, args, list(overrides), multirun=bool(args.multirun))
+    if not route.only_prints and not route.multirun and _may_set_mode(route):
+        route.multirun = _config_mode(route) == "MULTIRUN"
+    return route
+
+
+@contextlib.contextmanager
+def initialize(route: Route | None):
+    """Hydra set up as the command line sets it up: rode's configs, and the flags'
+    --config-path / --config-dir (the compose API then reads the same configs)."""
+    from hydra import version
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import create_automatic_config_search_path
+    from hydra.core.config_search_path import SearchPathQuery
+    from hydra.core.global_hydra import GlobalHydra
+
+    args = route.args if route is not None else argparse.Namespace(config_path=None,
+                                                                   config_dir=None)
+    version.setbase("1.3")
+    GlobalHydra.instance().clear()
+    search_path = create_automatic_config_search_path(None, "runner.cli",
+                                                      args.config_path or "conf")
+    if args.config_dir is not None:
+        where = os.path.abspath(args.config_dir)
+        if not os.path.isdir(where):
+            raise ConfigError(f"--config-dir={args.config_dir}: {where} is not a directory")
+        search_path.prepend(provider="command-line", path=f"file://{where}",
+                            anchor=SearchPathQuery(provider="schema"))
+    try:
+        Hydra.create_main_hydra2(task_name="rode", config_search_path=search_path)
+        yield
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def _may_set_mode(route: Route) -> bool:
+    """Whether hydra.mode can come from anything but rode's own task configs (which set
+    none): a hydra.* override, a config group option, or a config from the flags.
+    Reading the mode costs a full composition, so the plain case skips it."""
+    args = route.args
+    if args.config_dir or args.config_name or args.config_path:
+        return True
+    from .schema import TASK_SCHEMAS
+
+    keys = TASK_SCHEMAS[route.task].fields
+    for word in route.overrides:
+        key = word.split("=", 1)[0].lstrip("+~").split(".")[0].split("/")[0]
+        # a schema key (dataset=, model= included: their options are packaged under
+        # their key) cannot set hydra.*; hydra.mode=, experiment=, hparams_search= can
+        if key not in keys:
+            return True
+    return False
+
+
+def _config_mode(route: Route) -> str | None:
+    """hydra.mode as the config and overrides set it (``--run`` does not override it)."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    try:
+        with initialize(route):
+            mode = GlobalHydra.instance().hydra.get_mode(config_name=route.config_name,
+                                                         overrides=list(route.overrides))
+    except ConfigError:
+        raise
+    except Exception:   # a bad override: validation reports it, in one line
+        return None
+    return None if mode is None else mode.name
+
+
+def check_out_dirs(task: str, jobs: list, writes_runs: bool) -> None:
+    """``out_dir=<dir>`` on the command line is a run dir like Hydra's: writable, and
+    holding no other run's (or another task's) results; one dir for every job of a
+    sweep is refused (each would overwrite the last)."""
+    from omegaconf import OmegaConf
+
+    from . import config, rundir
+
+    seen = {}
+    for cfg in jobs:
+        try:
+            value = OmegaConf.select(cfg, "out_dir", default=None)
+        except Exception:   # interpolates Hydra's dir: checked as hydra.*.dir
+            continue
+        if value is None or "${" in str(value):
+            continue
+        config.check_writable_dir(value, "out_dir")
+        if writes_runs and not (cfg.get("resume") and cfg.get("resume") != "null"):
+            rundir.check_fresh(value, "out_dir", sweep=False)
+        seen.setdefault(str(Path(str(value)).expanduser().absolute()), []).append(cfg)
+    if len(jobs) > 1 and any(len(v) > 1 for v in seen.values()):
+        where = next(k for k, v in seen.items() if len(v) > 1)
+        raise ConfigError(f"out_dir={where} is the same dir for {len(jobs)} jobs: each would "
+                          f"overwrite the last; leave out_dir out (one dir per job)")
+
+
+def check_resume_dir(overrides: list[str]) -> None:
+    """``resume=<run> hydra.run.dir=<other dir>``: Hydra would write its .hydra/ and log
+    there, so that dir must hold no finished run's results."""
+    from . import rundir
+
+    values = {o.split("=", 1)[0].lstrip("+"): o.split("=", 1)[1] for o in overrides if "=" in o}
+    resume, run_dir = values.get("resume"), values.get("hydra.run.dir")
+    if resume is None or run_dir is None or rundir.unquote(resume) in ("auto", "null", ""):
+        return
+    run_dir = Path(rundir.unquote(run_dir)).expanduser()
+    try:
+        own = rundir.locate(rundir.unquote(resume), "resume").parent
+    except ConfigError:
+        return   # reported by validation, in its own words
+    if run_dir.absolute() != own.absolute():
+        rundir.check_fresh(run_dir, "hydra.run.dir", sweep=False)
+
+
+def check_job_dir(task: str, cfg, writes_runs: bool) -> None:
+    """At the start of every job, inside the app (sweeper-sampled and remote jobs too):
+    a job that does not resume must not start in a dir holding a run's results."""
+    from . import rundir
+
+    if not writes_runs or "out_dir" not in cfg:
+        return
+    if cfg.get("resume"):
+        return   # resume= writes into the checkpoint's run; auto checks the config there
+    try:
+        out_dir = cfg.out_dir
+    except Exception:
+        return   # reported by validation
+    found = rundir.results_in(Path(str(out_dir)))
+    if found is not None:
+        raise ConfigError(f"out_dir={out_dir} already holds results ({found.name}); "
+                          f"nothing was overwritten: choose another dir")
+
+
+class AlreadyFinished(Exception):
+    """resume=auto on a run that is over: nothing runs, nothing is rewritten (exit 0)."""
+
+
+def check_not_finished(task: str, out_dir) -> None:
+    """resume=auto into a finished run (every epoch, or an early stop): raise
+    AlreadyFinished before Hydra rewrites the run's .hydra/ and log."""
+    from . import rundir
+
+    path = Path(str(out_dir)).expanduser()
+    if (path / rundir.CHECKPOINT).is_file() and rundir.finished(path):
+        raise AlreadyFinished(f"already finished -> {path} (nothing rewritten)")
+
+
+def override_keys(overrides: list[str]) -> list[str]:
+    """The dotted keys the command line sets (not Hydra's own)."""
+    keys = []
+    for word in overrides:
+        key = word.split("=", 1)[0].lstrip("+~")
+        if "=" in word and not key.startswith("hydra") and "/" not in key:
+            keys.append(key)
+    return keys
+
+
+def check_task_overrides(task: str, overrides: list[str], jobs: list) -> None:
+    """Checks that need to know what the command line set, not only the config:
+    gradcheck with checkpoint= refuses architecture keys that contradict it."""
+    if task == "gradcheck":
+        from .tasks.gradcheck import contradictions
+
+        for cfg in jobs:
+            contradictions(cfg, override_keys(overrides))
+
+
+@contextlib.contextmanager
+def one_line_errors():
+    """OmegaConf's errors met while composing and validating (an interpolation to a
+    missing key or environment variable): one line naming the key."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        yield
+    except OmegaConfBaseException as e:
+        raise ConfigError(omegaconf_message(e)) from None
+
+
+def omegaconf_message(e) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    key = getattr(e, "full_key", None)
+    text = text.replace("KeyError raised while resolving interpolation: ", "")
+    if "interpolation" in type(e).__name__.lower() or "nterpolation" in text:
+        text += " (fix the ${...} in the value, or set the variable)"
+    return f"{key}: {text}" if key else text
+
+
+def check_group_values(parsed, task: str) -> None:
+    """``logger=null`` and other config groups given null or an unreadable option:
+    refused with the group's options (Hydra raises a bare ValueError for null)."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    loader = GlobalHydra.instance().config_loader()
+    for o in parsed:
+        key = o.get_key_element().lstrip("+~")
+        if o.is_hydra_override() or o.is_sweep_override():
+            continue
+        options = loader.get_group_options(key) if "." not in key else []
+        if options and o.value() is None:
+            raise ConfigError(f"{key}=null: {key} is a config group; choose from "
+                              f"{', '.join(options)} (a list for several, [] for none)")
+
+
+def unreadable_value(task: str, overrides: list[str]) -> str | None:
+    """For an override Hydra's grammar cannot read (``method=éuler``): which one,
+    and what the key accepts, or None."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from .schema import TASK_SCHEMAS
+
+    parser = OverridesParser.create()
+    for word in overrides:
+        try:
+            parser.parse_overrides([word])
+        except Exception:
+            key = word.split("=", 1)[0].lstrip("+~")
+            spec = TASK_SCHEMAS[task].fields.get(key)
+            accepted = None
+            if spec is not None and getattr(spec, "choices", None):
+                accepted = ", ".join(map(str, spec.choices))
+            elif GlobalHydra.instance().is_initialized():
+                options = GlobalHydra.instance().config_loader().get_group_options(key)
+                accepted = ", ".join(options) or None
+            hint = (f"choose from {accepted}" if accepted
+                    else "quote a value with characters other than letters, digits and "
+                         "_-./: in '...'")
+            return f"{word} cannot be read: {hint}"
+    return None
+
+
+def interrupted(cfg, writes_runs: bool):
+    """A second Ctrl-C stops at once: an Interrupted error (exit 130) whose one line
+    says what is kept, and a failed summary where the run writes one."""
+    import signal
+
+    from . import rundir
+    from .errors import Interrupted
+
+    message = ("stopped at once by a second Ctrl-C; results after the last checkpoint are "
+               "lost (continue with resume=<run dir> where it holds checkpoint.pt)")
+    if writes_runs:
+        try:
+            rundir.write_failed_summary(cfg.out_dir, message)
+        except Exception:
+            pass
+    return Interrupted(message, signal.SIGINT)
