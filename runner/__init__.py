@@ -11,15 +11,17 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .gradmodes import GRAD_MODES, Adjoint, Backprop
+    from .guard import AdjointStateError
     from .integrators import INTEGRATORS
     from .stack import ResidualStack
 
-__all__ = ["ResidualStack", "INTEGRATORS", "GRAD_MODES", "Adjoint", "Backprop"]
+__all__ = ["ResidualStack", "INTEGRATORS", "GRAD_MODES", "Adjoint", "Backprop",
+           "AdjointStateError"]
 __version__ = "0.1.0"
 
 # public name -> the module that defines it
 _LAZY = {"ResidualStack": "stack", "INTEGRATORS": "integrators", "GRAD_MODES": "gradmodes",
-         "Adjoint": "gradmodes", "Backprop": "gradmodes"}
+         "Adjoint": "gradmodes", "Backprop": "gradmodes", "AdjointStateError": "guard"}
 
 
 def __getattr__(name: str):

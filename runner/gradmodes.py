@@ -17,7 +17,7 @@ from typing import ClassVar
 
 import torch
 
-from . import names
+from . import guard, names
 from .errors import ConfigError
 from .integrators import INTEGRATORS
 from .integrators import vjp as _vjp
@@ -368,9 +368,9 @@ class Adjoint(GradMode):
             supported = [name for name, cls in INTEGRATORS.items() if cls.shared_vjp_supported]
             raise ValueError(f"adjoint.vjp=shared supports method {', '.join(supported)}; "
                              f"got {stack.integrator.name}")
-        layout = stack.layout()
+        structure, layout = stack.walked()
         return _AdjointFunction.apply(x, self, stack, stack.new_pass_seed(layout), layout,
-                                      *layout.parameters)
+                                      structure, *layout.parameters)
 
     # ------------------------------------------------------------ the two passes
     def forward_pass(self, stack, x: torch.Tensor, seed, anchors=(), layout=None) -> tuple:
@@ -582,14 +582,28 @@ def _relative_error(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 class _AdjointFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, mode, stack, seed, layout, *params):
-        ctx.mode, ctx.stack, ctx.seed, ctx.params, ctx.layout = mode, stack, seed, params, layout
+    def forward(ctx, x, mode, stack, seed, layout, structure, *params):
+        record = guard.Record(stack, structure)   # what the backward pass relies on
         # Recompute under the same autocast as the forward pass (amp=true).
         device = x.device.type
         ctx.autocast = dict(device_type=device, enabled=torch.is_autocast_enabled(device),
                             dtype=torch.get_autocast_dtype(device))
         # grad is off inside Function.forward
-        y, kept = mode.forward_pass(stack, x, seed, mode.anchors_of(stack), layout)
+        anchors = mode.anchors_of(stack)
+        random = guard.rng_state(x) if seed is None else None
+        y, kept = mode.forward_pass(stack, x, seed, anchors, layout)
+        if random is not None and guard.rng_consumed(random, x):
+            # The functions drew random numbers that the rebuild could not draw
+            # again: run the pass again with each call's numbers replayable (the
+            # same random state to start from), and keep replay on for this stack.
+            guard.set_rng_state(random, x)
+            stack.__dict__["_random"] = True
+            seed = stack.new_pass_seed(layout)
+            with stack.recomputing(layout):   # BatchNorm's statistics: updated once
+                y, kept = mode.forward_pass(stack, x, seed, anchors, layout)
+        record.done()
+        ctx.mode, ctx.stack, ctx.seed, ctx.params, ctx.layout = mode, stack, seed, params, layout
+        ctx.record = record
         # The activations kept: the output, the anchors, and x_0 for the self-check
         # (an anchor already when there are anchors).
         check = mode.roundtrip and not kept
@@ -603,13 +617,14 @@ class _AdjointFunction(torch.autograd.Function):
         # differentiable one (create_graph=True); this one is not.
         if torch.is_grad_enabled():
             raise RuntimeError(DOUBLE_BACKWARD)
+        ctx.record.check(ctx.stack)   # AdjointStateError where the rebuild would be wrong
         y, *rest = ctx.saved_tensors
         kept = dict(zip(ctx.anchors, rest, strict=False))   # rest: the anchors, then x_0 or not
         x0 = rest[-1] if ctx.check else None
         with torch.autocast(**ctx.autocast):
             g, grads = ctx.mode.backward_pass(ctx.stack, y, grad_out, ctx.seed, ctx.params,
                                               kept, x0, ctx.layout)
-        return (g, None, None, None, None, *grads)
+        return (g, None, None, None, None, None, *grads)
 
 
 GRAD_MODES: dict[str, type[GradMode]] = {"backprop": Backprop, "adjoint": Adjoint}

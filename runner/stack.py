@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -10,7 +11,7 @@ from torch import nn
 
 from .gradmodes import GradMode, get_grad_mode
 from .integrators import Integrator, get_integrator
-from .walk import compose, hooked, hooks_anywhere, modules_of
+from .walk import Structure, compose, hooks_anywhere, modules_of, plain_call
 
 _BatchNorm = nn.modules.batchnorm._BatchNorm
 _Dropout = nn.modules.dropout._DropoutNd
@@ -59,10 +60,20 @@ class ResidualStack(nn.Module):
         grad: ``"backprop"`` (store every activation) or ``"adjoint"`` (store only
             the output; rebuild activations backward in the backward pass), or a
             :class:`GradMode` instance (e.g. with options).
-        step_size: defaults to 1/len(functions), as in the paper.
-        preserve_rng: replay the random state of each function call when it is
-            recomputed (needed for dropout). ``None`` turns it on exactly when a
-            dropout module in training mode is present.
+        step_size: defaults to 1/len(functions), as in the paper; a finite
+            number > 0 otherwise.
+        preserve_rng: replay the random numbers of each function call when the
+            adjoint evaluates it again (dropout masks, ``torch.randn_like``...):
+            each call then draws from its own seeded stream (the CPU generator's,
+            and the CUDA device's of the input), the same in the forward pass and
+            in the rebuild. ``None`` (default) turns it on when a dropout module
+            in training mode is present; ``True`` always. Whatever the value, an
+            adjoint pass whose forward pass drew random numbers without replay
+            (randomness not from ``nn.Dropout``) is run again with replay on, and
+            replay stays on for this stack from then on: the gradient is exact,
+            never silently off. Not covered: random numbers drawn from a
+            ``torch.Generator`` of your own (pass none to the functions, or use
+            backprop). Backprop needs no replay (nothing is evaluated again).
 
     Any input shape works, as long as each function maps it to its own shape.
     """
@@ -86,7 +97,13 @@ class ResidualStack(nn.Module):
             )
         # ModuleList keeps repeated modules in place; parameters() still deduplicates.
         self.functions = nn.ModuleList(functions)
-        self.step_size = 1.0 / len(functions) if step_size is None else float(step_size)
+        if step_size is None:
+            step_size = 1.0 / len(functions)
+        elif (isinstance(step_size, bool) or not isinstance(step_size, (int, float))
+              or not math.isfinite(step_size) or step_size <= 0):
+            raise ValueError(f"step_size={step_size!r} must be a finite number > 0, or None "
+                             "(1/len(functions))")
+        self.step_size = float(step_size)
         self.preserve_rng = preserve_rng
         self._roundtrip: torch.Tensor | None = None   # set by Adjoint's self-check
 
@@ -109,7 +126,35 @@ class ResidualStack(nn.Module):
         integrator = self.integrator
         return integrator.output(self.grad_mode(self, integrator.init_state(x)))
 
+    def __getstate__(self) -> dict:
+        # The cached walk holds calls bound to these very modules: a copy walks anew.
+        state = super().__getstate__()
+        state = dict(state)
+        state.pop("_walked", None)
+        return state
+
+    def walked(self) -> tuple[Structure, Layout]:
+        """The stack's :class:`~runner.walk.Structure` and :class:`Layout` now.
+
+        Walked once and kept while :meth:`Structure.unchanged` holds: a module
+        added or replaced, a parameter or buffer registered or replaced,
+        ``requires_grad`` switched, a hook registered, a module compiled or its
+        ``forward`` replaced, a training flag switched: each makes the next pass
+        walk again (docs/benchmarks.md: what the cache saves at depth 1000)."""
+        cached = self.__dict__.get("_walked")
+        if cached is not None and cached[0].unchanged():
+            return cached
+        structure = Structure(self)
+        cached = (structure, self._layout())
+        self.__dict__["_walked"] = cached
+        return cached
+
     def layout(self) -> Layout:
+        """The stack's structure now (see :class:`Layout`): kept between passes
+        while it holds (see :meth:`walked`)."""
+        return self.walked()[1]
+
+    def _layout(self) -> Layout:
         """The stack's structure now (see :class:`Layout`), from one walk."""
         functions = list(self.functions)
         params, seen = [], set()          # the stack's trainable parameters
@@ -132,7 +177,7 @@ class ResidualStack(nn.Module):
                 elif all(q is not p for q in mine):   # met in another function too
                     mine.append(p)
             children = m._modules.values()
-            if plain or hooked(m):
+            if plain or not plain_call(m):
                 for c in children:
                     if c is not None:
                         visit(c, mine)
@@ -181,7 +226,7 @@ class ResidualStack(nn.Module):
         if wanted is None:
             wanted = layout.dropout if layout is not None else any(
                 isinstance(m, _Dropout) and m.training for m in modules_of(self))
-        if not wanted:
+        if not wanted and not self.__dict__.get("_random", False):
             return None
         return int(torch.randint(0, 2**62, (1,)).item())
 

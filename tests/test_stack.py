@@ -150,11 +150,16 @@ def test_dropout_masks_are_replayed_in_the_backward_pass():
     functions = init_tied(drop, 64)
     x = torch.randn(5, 8, dtype=torch.float64)
     replayed = rel_error("euler", functions, x)
-    no_replay = ResidualStack(functions, "euler", "adjoint", preserve_rng=False)
-    exact = flat_grads(ResidualStack(functions, "euler", "backprop"), x)
-    broken = flat_grads(no_replay, x)
     assert replayed < 0.02
-    assert ((broken - exact).norm() / exact.norm()).item() > 10 * replayed
+    # preserve_rng=False no longer gives unreplayed masks (a wrong gradient): the
+    # adjoint sees that the forward pass drew random numbers and replays them
+    # (tests/test_guard.py checks the gradient to rounding with rev_heun).
+    no_replay = ResidualStack(functions, "euler", "adjoint", preserve_rng=False)
+    torch.manual_seed(1)
+    auto = flat_grads(no_replay, x)
+    torch.manual_seed(1)
+    exact = flat_grads(ResidualStack(functions, "euler", "backprop", preserve_rng=True), x)
+    assert ((auto - exact).norm() / exact.norm()).item() < 0.02
 
 
 class SavedBytes:
