@@ -180,3 +180,17 @@ def is_tracing() -> bool:
     if AVAILABLE["tracing_state"]:
         return torch._C._get_tracing_state() is not None
     return bool(torch.jit.is_tracing())
+
+# ---------------------------------------------------------------- optional packages
+
+
+def require_torchvision(what: str) -> None:
+    """A one-line ConfigError where torchvision (the optional ``vision`` extra) is not
+    installed: ``what`` (e.g. ``dataset=cifar10``) needs it."""
+    import importlib.util
+
+    from .errors import ConfigError
+
+    if importlib.util.find_spec("torchvision") is None:
+        raise ConfigError(f"{what} needs torchvision, which is not installed: "
+                          f"pip install 'rode[vision]' (or the torchvision that matches your torch)")

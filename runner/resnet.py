@@ -21,6 +21,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .compat import require_torchvision
 from .errors import ConfigError
 from .inits import INITS
 from .integrators import INTEGRATORS
@@ -256,6 +257,7 @@ def load_torchvision_weights(model: TorchvisionResNet, path: str | Path) -> None
 # ----------------------------------------------------------------- checks
 def check_resnet_config(cfg) -> None:
     """The ``model=resnet`` knobs of a task config, checked before anything runs."""
+    require_torchvision("model=resnet")
     m = cfg.model
     check_resnet(m.arch, m.get("stem", "imagenet"), m.get("depths"), m.get("weights"),
                  method=cfg.method, init=cfg.init, width=cfg.width,

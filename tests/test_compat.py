@@ -53,7 +53,7 @@ def test_vjp_private_and_public_agree(monkeypatch):
     out, inputs = _graph()
     got = compat.vjp(out, inputs, g)          # the private engine where this torch has it
     assert got[2] is None and expected[2] is None
-    for a, b in zip(got[:2], expected[:2]):
+    for a, b in zip(got[:2], expected[:2], strict=True):
         assert torch.equal(a, b)
     if compat.AVAILABLE["execution_engine"]:
         # the graph is freed, as autograd.grad frees it
@@ -71,10 +71,10 @@ def test_foreach_private_and_public_agree(op, monkeypatch):
     monkeypatch.setattr(compat, "AVAILABLE", dict.fromkeys(compat.AVAILABLE, False))
     b = [d.clone() for d in dst]
     getattr(compat, op)(b, src)
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert torch.equal(x, y)
-    expected = src if op == "foreach_copy_" else [d + s for d, s in zip(dst, src)]
-    for x, y in zip(a, expected):
+    expected = src if op == "foreach_copy_" else [d + s for d, s in zip(dst, src, strict=True)]
+    for x, y in zip(a, expected, strict=True):
         assert torch.equal(x, y)
 
 
@@ -113,7 +113,7 @@ def test_flat_optimizer_same_steps_on_both_paths(monkeypatch):
     private = _train()
     monkeypatch.setattr(compat, "AVAILABLE", dict.fromkeys(compat.AVAILABLE, False))
     public = _train()
-    for a, b in zip(private, public):
+    for a, b in zip(private, public, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
@@ -129,10 +129,32 @@ def test_hooks_and_tracing_seen_on_both_paths(monkeypatch):
         assert walk.hooks_anywhere()
         g.remove()
         seen = []
+
+        def traced(x, seen=seen):
+            seen.append(compat.is_tracing())
+            return x * 2
+
         with warnings.catch_warnings():   # torch.jit.trace is deprecated in newer torch
             warnings.simplefilter("ignore")
-            torch.jit.trace(lambda x: seen.append(compat.is_tracing()) or x * 2, torch.ones(1),
+            torch.jit.trace(traced, torch.ones(1),
                             check_trace=False)
         assert seen == [True] and not compat.is_tracing()
         if available["module_hooks"]:   # the private check sees a plain module as plain
             assert not walk.hooked(m) and not walk.hooks_anywhere()
+
+
+@pytest.mark.parametrize("args", [["dataset=cifar10"], ["dataset=mnist"],
+                                  ["dataset=fashion_mnist"],
+                                  ["model=resnet", "dataset=synthetic", "dataset.shape=[3,32,32]"]])
+def test_without_torchvision_one_line_error(args, rode_cli, tmp_path, monkeypatch):
+    """torchvision is the optional `vision` extra: what needs it says so, and how to get it."""
+    monkeypatch.setitem(sys.modules, "torchvision", None)   # as if not installed
+    if args[0].startswith("dataset="):
+        args = [*args, f"dataset.root={tmp_path / 'data'}"]
+    r = rode_cli("train", *args, "epochs=1",
+                 f"hydra.run.dir={tmp_path / 'run'}")
+    lines = [line for line in r.err.splitlines() if line.strip()]
+    assert r.code == 2, r.out + r.err
+    assert len(lines) == 1 and "needs torchvision" in lines[0] and "rode[vision]" in lines[0]
+    assert "Traceback" not in r.err
+    assert not (tmp_path / "run").exists()
