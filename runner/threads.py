@@ -34,9 +34,10 @@ SMALL_WIDTH = 128
 _CGROUP = Path("/sys/fs/cgroup")
 
 
-def cgroup_quota(root: Path = _CGROUP) -> float | None:
+def cgroup_quota(root: Path | None = None) -> float | None:
     """The CPU quota of this process's cgroup in cores (``cpu.max`` of cgroup v2, or
     ``cpu.cfs_quota_us / cpu.cfs_period_us`` of v1); None when there is none."""
+    root = _CGROUP if root is None else root
     try:
         fields = (root / "cpu.max").read_text().split()
         if fields and fields[0] != "max":

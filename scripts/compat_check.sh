@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Compatibility check: install one torch release into a fresh virtual environment, install rode
-# into it without its dependencies (so nothing upgrades or downgrades that torch), then run the core
+# into it (`pip install -e .`: its other dependencies come, that torch must stay), then run the core
 # suite (stack, integrators, adjoint, optimizer, resume, and the private-vs-public comparison of
 # runner/compat.py) twice: once as the release comes, once with RODE_TORCH_PUBLIC=1 (every private
 # torch call replaced by its public fallback).
@@ -10,6 +10,7 @@
 #
 # Environment: PYTHON (default python3), COMPAT_VENV (default $TMPDIR/rode-compat-VERSION),
 # COMPAT_KEEP=1 keeps the environment afterwards (it is 1-6 GB: deleted by default),
+# COMPAT_REUSE=1 reuses that environment when it already holds this torch,
 # TORCH_INDEX=URL an index serving CPU wheels (e.g. PyTorch's own CPU index), tried first.
 set -euo pipefail
 VERSION=${1:?usage: scripts/compat_check.sh TORCH_VERSION   (e.g. 2.4.1)}
@@ -22,25 +23,34 @@ CORE=(tests/test_compat.py tests/test_stack.py tests/test_reversible.py tests/te
 cleanup() { if [ "${COMPAT_KEEP:-0}" != 1 ]; then rm -rf "$VENV"; fi; }
 trap cleanup EXIT
 
-rm -rf "$VENV"
-"$PY" -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip --quiet)
+have_torch() { "$VENV/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$VERSION')" 2>/dev/null; }
+
+start=$(date +%s)
+if [ "${COMPAT_REUSE:-0}" = 1 ] && have_torch; then
+    echo "== reusing $VENV (torch $VERSION already there)"
+else
+    rm -rf "$VENV"
+    "$PY" -m venv "$VENV"
+fi
 # A site-wide pip constraint (a cap on torch) would silently hide the release asked for: this
 # environment takes exactly the one asked, and nothing else is constrained in it.
 : > "$VENV/no-constraints.txt"
 export PIP_CONSTRAINT="$VENV/no-constraints.txt"
 
-echo "== torch==$VERSION into $VENV"
-start=$(date +%s)
-if [ -n "${TORCH_INDEX:-}" ] && "${PIP[@]}" install --index-url "$TORCH_INDEX" "torch==$VERSION"; then
-    :
-else
-    # a local CPU build (find-links) is preferred by pip when present; otherwise the registry's wheel
-    "${PIP[@]}" install "torch==$VERSION"
+if ! have_torch; then
+    echo "== torch==$VERSION into $VENV"
+    if [ -n "${TORCH_INDEX:-}" ] && "${PIP[@]}" install --index-url "$TORCH_INDEX" "torch==$VERSION"; then
+        :
+    else
+        # a local CPU build (find-links) is preferred by pip when present; otherwise the registry's
+        "${PIP[@]}" install "torch==$VERSION"
+    fi
 fi
-# rode itself without dependencies (the torch above stays), then what the core suite needs
-"${PIP[@]}" install --no-deps -e "$ROOT"
-"${PIP[@]}" install "hydra-core>=1.3.2,<1.4" "omegaconf>=2.3,<2.4" "tqdm>=4.60" "pytest>=7" numpy
+# rode itself, as a lab would install it next to the torch it has: its other dependencies come,
+# the torch stays (checked below); then what the core suite needs
+"${PIP[@]}" install -e "$ROOT" "pytest>=7"
+have_torch || { echo "== pip install -e . replaced torch $VERSION"; exit 1; }
 echo "== installed in $(( $(date +%s) - start )) s"
 "$VENV/bin/python" - <<'PY'
 import torch, runner.compat as c
