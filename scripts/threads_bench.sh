@@ -6,6 +6,7 @@
 #
 #   scripts/threads_bench.sh [RODE]          # RODE: the rode command (default: rode)
 #   ARGS="epochs=5" scripts/threads_bench.sh # extra overrides for every run
+#   ROUND="null auto 2" ...                   # the threads settings of the single runs
 set -euo pipefail
 RODE=${1:-rode}
 OUT=${OUT:-$(mktemp -d)}
@@ -20,12 +21,13 @@ train_seconds() {   # $1: label, rest: overrides
 }
 
 one_round() {   # $1: alone | busy
-    for t in null auto 1 2; do
+    echo "# load: $(cut -d' ' -f1-3 /proc/loadavg)"
+    for t in ${ROUND:-null auto 1 2}; do
         printf '%-6s train threads=%-5s %6s s\n' "$1" "$t" "$(train_seconds "$1-$t" threads=$t)"
     done
 }
 
-echo "# usable cores: $(python3 -c 'import os; print(len(os.sched_getaffinity(0)))'), $(date -u +%FT%TZ)"
+echo "# usable cores: $(python3 -c 'import os; print(len(os.sched_getaffinity(0)))'), $(date -u +%FT%TZ), load: $(cut -d' ' -f1-3 /proc/loadavg)"
 one_round alone
 python3 -c 'while 1: pass' & BUSY=$!
 trap 'kill $BUSY 2>/dev/null || true' EXIT

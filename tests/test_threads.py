@@ -104,16 +104,26 @@ def test_loader_workers_follow_the_budget(bare, monkeypatch, tmp_path):
     assert threads.loader_workers(cfg) == 4      # threads set by hand: workers as asked
 
 
-@pytest.mark.parametrize("args,expected", [
-    ([], "1 torch threads (threads=auto: a small MLP runs fastest on one thread)"),
-    (["threads=2"], "2 torch threads (threads=2)"),
-])
-def test_the_cli_applies_it(args, expected, bare, rode_cli, tmp_path):
+def test_the_cli_applies_it(bare, rode_cli, tmp_path):
+    """`rode <task>` sets the threads its config chooses (gradcheck: the quickest task)."""
     run = tmp_path / "run"
-    r = rode_cli("train", "depth=2", "width=8", "epochs=1",
-                 "progress=false", "device=cpu", *args, f"hydra.run.dir={run}")
+    r = rode_cli("gradcheck", "depth=2", "width=8", "device=cpu", f"hydra.run.dir={run}")
     assert r.code == 0, r.err
-    assert expected in (run / "train.log").read_text()
+    log = (run / "gradcheck.log").read_text()
+    assert "1 torch threads (threads=auto: a small MLP runs fastest on one thread)" in log
+
+
+def test_threads_k_is_set(bare, tmp_path):
+    import torch
+    before = torch.get_num_threads()
+    try:
+        cfg = compose_config("train", ["threads=3"], tmp_path)
+        assert threads.apply(cfg) == 3 == torch.get_num_threads()
+        cfg = compose_config("train", ["threads=null"], tmp_path)
+        torch.set_num_threads(2)
+        assert threads.apply(cfg) == 2          # null: left as it is
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_bad_threads_is_one_line(rode_cli, tmp_path):
