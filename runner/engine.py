@@ -28,6 +28,7 @@ from .models import build_model
 from .optim import build_optimizer
 from .preflight import resolve_device
 from .stack import roundtrip_error
+from .threads import loader_workers
 
 log = logging.getLogger("rode")
 
@@ -160,7 +161,7 @@ def _train(cfg, hooks, model, data, resume, dist, device, stop) -> dict:
         model = build_model(cfg, data.input_shape, data.num_classes)
     model = model.to(device)
     optimizer = build_optimizer(cfg, model)
-    workers = int(cfg.dataset.get("num_workers", 0) or 0)
+    workers = loader_workers(cfg)
     pin = device.type == "cuda"
     # batch_size is the global batch: each of the world_size processes takes its share.
     train_loader = distributed.loader(data.train, cfg.batch_size // dist.world_size, dist,

@@ -17,7 +17,7 @@ from typing import ClassVar
 
 import torch
 
-from . import guard, names
+from . import compat, guard, names
 from .errors import ConfigError
 from .integrators import INTEGRATORS
 from .integrators import vjp as _vjp
@@ -571,7 +571,7 @@ class _Gradients:
                 values[k] = values[k] + gp
                 owned[k] = True
         if into:   # one call for all of them (tied weights: every step)
-            torch._foreach_add_(into, more)
+            compat.foreach_add_(into, more)
 
 
 def _relative_error(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

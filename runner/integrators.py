@@ -17,23 +17,9 @@ from typing import Callable
 import torch
 
 from . import names
+from .compat import vjp
 
 Call = Callable[[int, torch.Tensor], torch.Tensor]
-
-_ENGINE = torch.autograd.Variable._execution_engine
-
-
-def vjp(output: torch.Tensor, inputs: list, grad: torch.Tensor) -> tuple:
-    """``torch.autograd.grad(output, inputs, grad, allow_unused=True)``, the graph
-    freed. Where ``grad`` matches ``output`` in shape and dtype (every backward
-    step of the adjoint), the autograd engine is called directly: the same
-    computation without ``autograd.grad``'s Python-side argument checks, a
-    measurable part of a step at small widths (docs/benchmarks.md)."""
-    if (grad.shape == output.shape and grad.dtype == output.dtype
-            and grad.device == output.device and output.grad_fn is not None):
-        return _ENGINE.run_backward((output,), (grad,), False, False, tuple(inputs), True, False)
-    return torch.autograd.grad(output, inputs, grad, allow_unused=True)
-
 
 class Integrator:
     """Base class. ``step`` maps x_n to x_{n+1}; ``reverse`` rebuilds x_n from x_{n+1}."""

@@ -15,11 +15,7 @@ from collections import defaultdict
 import torch
 from torch import nn
 
-try:   # the check torch's fused optimizers make at their first step
-    from torch.optim.optimizer import _device_dtype_check_for_fused
-except ImportError:   # pragma: no cover - another torch: its first step checks
-    def _device_dtype_check_for_fused(p: torch.Tensor) -> None:
-        pass
+from . import compat
 
 # How a parameter group says which implementation steps it: this optimizer's own,
 # never taken from a loaded state dict, never copied onto the flat groups.
@@ -63,13 +59,13 @@ class _Flat:
             self.seen = [seen or i not in gone for i, seen in enumerate(self.seen)]
             for i in missing:
                 self.grads[i].zero_()
-            torch._foreach_copy_([self.grads[i] for i in range(len(grads)) if i not in gone],
-                                 [g for g in grads if g is not None])
+            compat.foreach_copy_([self.grads[i] for i in range(len(grads)) if i not in gone],
+                                [g for g in grads if g is not None])
         else:
             self.seen = [True] * len(grads)
             # One call, no Python per tensor: a third faster than torch.cat of their
             # flattened views, which must reshape each one first.
-            torch._foreach_copy_(self.grads, grads)
+            compat.foreach_copy_(self.grads, grads)
         self.param.grad = self.grad
         return missing
 
@@ -279,12 +275,11 @@ def _fused_else_foreach(inner, groups: list[dict], hyper: dict) -> torch.optim.O
         return make()
     try:
         optimizer = make(fused=True)
-        for group in groups:
-            for p in group["params"]:
-                _device_dtype_check_for_fused(p)
-        return optimizer
     except (RuntimeError, ValueError):
         return make(foreach=True)
+    if all(compat.fused_supported(inner, p) for group in groups for p in group["params"]):
+        return optimizer
+    return make(foreach=True)
 
 
 def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from . import names
+from .compat import require_torchvision
 from .errors import ConfigError
 from .inits import INITS
 from .integrators import INTEGRATORS
@@ -258,6 +259,7 @@ def load_torchvision_weights(model: TorchvisionResNet, path: str | Path) -> None
 # ----------------------------------------------------------------- checks
 def check_resnet_config(cfg) -> None:
     """The ``model=resnet`` knobs of a task config, checked before anything runs."""
+    require_torchvision("model=resnet")
     m = cfg.model
     check_resnet(m.arch, m.get("stem", "imagenet"), m.get("blocks"), m.get("pretrained"),
                  method=cfg.method, init=cfg.init, width=cfg.width,

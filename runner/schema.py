@@ -229,6 +229,19 @@ class IntOrList(Spec):
 
 
 @dataclass(frozen=True)
+class IntOrAuto(Int):
+    """An integer in range, or the word ``auto`` (chosen at run time)."""
+
+    def expected(self) -> str:
+        return "auto or " + super().expected()
+
+    def convert(self, key, value):
+        if value == "auto":
+            return value
+        return super().convert(key, value)
+
+
+@dataclass(frozen=True)
 class Anything(Spec):
     """Not checked here (values Hydra resolves at run time, such as out_dir)."""
 
@@ -346,7 +359,9 @@ DEPTHS = ListOf(item=Int(1, MAX_DEPTH))
 COUNT = Int(1)
 POSITIVE = Float(0, open_low=True)
 DEVICE = Choice(choices=DEVICES)
-THREADS = Int(1, 1024, null=True)
+THREADS = IntOrAuto(1, 1024, null=True,
+                    why=" (auto: the cores this process may use, shared among a launcher's "
+                        "parallel jobs; null: torch's default)")
 PROGRESS = Bool()
 OUT_DIR = Anything()
 FRACTION = Float(0, 1, open_low=True, open_high=True)
@@ -467,7 +482,7 @@ TASK_SCHEMAS: dict[str, Group] = {
         "dataset": Group(fields={"root": Text(null=True), "num_workers": Int(0, 256, null=True),
                                  "val_fraction": Float(0, 1, open_high=True, null=True,
                                                        required=False)}),
-        "hooks": HOOK_SCHEMA, "adjoint": ADJOINT, **TRAINING, **TRACKING,
+        "hooks": HOOK_SCHEMA, "adjoint": ADJOINT, **TRAINING, **TRACKING, "threads": THREADS,
     }),
     "gradcheck": Group(fields={
         "dataset": DATASET, "model": MODEL, "adjoint": ADJOINT,
@@ -475,7 +490,7 @@ TASK_SCHEMAS: dict[str, Group] = {
         "batch_size": Int(1, 10_000_000),
         "dtype": Choice(choices=("float64", "float32", "bfloat16", "float16")),
         "amp": Bool(required=False),
-        "checkpoint": Text(null=True), "device": DEVICE, "out_dir": OUT_DIR,
+        "checkpoint": Text(null=True), "device": DEVICE, "threads": THREADS, "out_dir": OUT_DIR,
     }),
     "memory": Group(fields={
         "dataset": DATASET, "model": MODEL, "adjoint": ADJOINT,
@@ -500,7 +515,7 @@ TASK_SCHEMAS: dict[str, Group] = {
         "methods": ListOf(item=Choice(choices=tuple(METHODS))), "depths": DEPTHS,
         "dim": Int(1, 1024), "batch_size": COUNT, "trials": COUNT, "scale": POSITIVE,
         "modes": COUNT, "ref_steps": Int(1, 100_000_000), "seed": SEED, "progress": PROGRESS,
-        "out_dir": OUT_DIR,
+        "threads": THREADS, "out_dir": OUT_DIR,
     }),
     "linear": Group(fields={
         "depths": DEPTHS, "dim": Int(1, 64), "target_scale": Float(0),
@@ -509,7 +524,7 @@ TASK_SCHEMAS: dict[str, Group] = {
         "lr": POSITIVE, "steps": COUNT, "log_every": COUNT,
         "snapshots": ListOf(item=Int(0), single=False, empty=True,
                             why=" (optimisation steps, e.g. [0,10,100])"),
-        "seed": SEED, "progress": PROGRESS, "out_dir": OUT_DIR,
+        "seed": SEED, "progress": PROGRESS, "threads": THREADS, "out_dir": OUT_DIR,
     }),
     "report": Group(fields={
         "dir": Text(why=" (rode report <dir>)"), "out_dir": OUT_DIR,

@@ -26,6 +26,7 @@ from PIL import Image
 from torch.utils.data import Dataset, Subset
 
 from . import names
+from .compat import require_torchvision
 from .databundle import DataBundle
 from .errors import ConfigError, RunFailed
 
@@ -95,6 +96,7 @@ def check_dataset_files(cfg) -> None:
     ranges are the schema's). cfg: the ``dataset`` node. Other datasets pass through."""
     if cfg.name not in SOURCES:
         return
+    require_torchvision(f"dataset={cfg.name}")
     download = bool(cfg.download)
     root = root_of(cfg)
     missing = [] if download else missing_files(cfg.name, root)

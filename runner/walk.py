@@ -12,9 +12,10 @@ from __future__ import annotations
 import itertools
 import operator
 
-import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
+
+from . import compat
 
 
 def modules_of(module: nn.Module) -> list[nn.Module]:
@@ -44,18 +45,13 @@ def parameters_of(module: nn.Module) -> list[nn.Parameter]:
 def hooked(module: nn.Module) -> bool:
     """Whether calling ``module`` does more than call its ``forward``: it has a
     hook, or was compiled with ``module.compile()``."""
-    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks
-                or getattr(module, "_compiled_call_impl", None) is not None)
+    return compat.hooked(module)
 
 
 def hooks_anywhere() -> bool:
     """Whether a global module hook is set, or a module call is being traced:
     then every module must be called through ``nn.Module.__call__``."""
-    g = nn.modules.module
-    return bool(g._global_forward_hooks or g._global_forward_pre_hooks
-                or g._global_backward_hooks or g._global_backward_pre_hooks
-                or torch._C._get_tracing_state())
+    return compat.global_hooks() or compat.is_tracing()
 
 
 def compose(parts: list):

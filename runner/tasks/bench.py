@@ -50,6 +50,7 @@ from ..measure import DTYPES, proc_status
 from ..models import MLPBlock
 from ..preflight import check_device
 from ..reporting import Job, num, table, table_jobs
+from ..threads import apply as apply_threads
 
 log = logging.getLogger("rode")
 
@@ -252,9 +253,7 @@ def run(cfg) -> dict:
     device = cfg.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if cfg.threads is not None:
-        torch.set_num_threads(int(cfg.threads))
-    threads = torch.get_num_threads()
+    threads = apply_threads(cfg)
 
     notes, names = [], []
     for name in dict.fromkeys(as_list(cfg, "contenders")):   # keep order, drop repeats

@@ -35,6 +35,7 @@ from ..io import fit_slope, plain, write_csv, write_json
 from ..plots import plot_discretization
 from ..reporting import Job, figure_suffixes, num, table, table_jobs
 from ..stack import ResidualStack
+from ..threads import apply as apply_threads
 
 DTYPE = torch.float64
 WEIGHTS = ("constant", "smooth", "rough", "iid")
@@ -231,6 +232,7 @@ def rel_error(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 # -------------------------------------------------------------------- task
 def run(cfg) -> dict:
+    apply_threads(cfg)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     depths = sorted(set(int(d) for d in as_list(cfg, "depths")))

@@ -34,6 +34,8 @@ from ..preflight import check_amp, resolve_device
 from ..reporting import Job, fmt, table
 from ..schema import METHODS
 from ..stack import ResidualStack
+from ..threads import apply as apply_threads
+from ..threads import loader_workers
 from ..vision import check_dataset_files
 
 log = logging.getLogger("rode")
@@ -197,6 +199,7 @@ def validate(cfg) -> None:
 
 
 def run(cfg) -> dict:
+    apply_threads(cfg)
     path = checkpoint.locate(cfg.checkpoint)
     ckpt = checkpoint.load(path)
     old = stack_depths(ckpt["model"])
@@ -214,7 +217,7 @@ def run(cfg) -> dict:
     model = build_model(built, data.input_shape, data.num_classes)
     model.load_state_dict(ckpt["model"])
     model.to(device)
-    workers = int(job.dataset.get("num_workers", 0) or 0)
+    workers = loader_workers(cfg, job.dataset)
     loader = dict(seed=cfg.seed, num_workers=workers, pin_memory=device.type == "cuda")
     test_loader = make_loader(data.test, 1024, shuffle=False, **loader)
     tied = [is_tied(m) for m in model.modules() if isinstance(m, ResidualStack)]

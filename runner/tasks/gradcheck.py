@@ -48,6 +48,7 @@ from ..measure import DTYPES, grad_mode_as, layer_groups, residual_stacks, untou
 from ..models import build_model
 from ..preflight import check_device, resolve_device
 from ..reporting import Job, depth_of, factors, num, series_label, table
+from ..threads import apply as apply_threads
 
 # What a checkpoint's config decides: the model it holds.
 ARCHITECTURE = ("model", "dataset", "depth", "width", "method", "init", "adjoint")
@@ -179,6 +180,7 @@ def compare(model, grads, reference) -> dict:
 
 
 def run(cfg) -> dict:
+    apply_threads(cfg)
     start = time.perf_counter()
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

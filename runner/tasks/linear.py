@@ -29,6 +29,7 @@ from ..io import fit_slope, plain, write_csv, write_json
 from ..plots import plot_linear_increments, plot_linear_weights
 from ..reporting import Job, figure_suffixes, fmt, table, table_jobs
 from ..stack import ResidualStack
+from ..threads import apply as apply_threads
 
 DTYPE = torch.float64
 INITS = ("zero", "iid")
@@ -114,6 +115,7 @@ def limit_gap(w: np.ndarray, w_ref: np.ndarray) -> float:
 
 # -------------------------------------------------------------------- task
 def run(cfg) -> dict:
+    apply_threads(cfg)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     depths = sorted(set(int(d) for d in as_list(cfg, "depths")))

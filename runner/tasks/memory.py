@@ -33,6 +33,7 @@ from ..measure import peak_memory_of, saved_activation_bytes
 from ..models import build_model
 from ..preflight import check_device, resolve_device
 from ..reporting import Job, num, table, table_jobs
+from ..threads import apply as apply_threads
 
 COLUMNS = ["depth", "grad", "method", "saved_bytes", "peak_bytes", "seconds_per_step"]
 
@@ -88,8 +89,7 @@ def run(cfg) -> dict:
     jobs = [(int(d), str(g)) for d in as_list(cfg, "depths") for g in as_list(cfg, "grads")]
 
     threads = torch.get_num_threads()
-    if cfg.threads is not None:
-        torch.set_num_threads(int(cfg.threads))
+    used = apply_threads(cfg)
     rows = []
     bar = tqdm(jobs, desc="memory", leave=False, dynamic_ncols=True,
                disable=not show_progress(cfg))
@@ -107,7 +107,7 @@ def run(cfg) -> dict:
     summary = {"status": "completed", "peak_kind": kinds[0] if len(kinds) == 1 else kinds,
                "device": str(device), "method": cfg.method, "init": cfg.init, "model": cfg.model.name,
                "width": int(cfg.width), "batch": int(cfg.batch_size), "dataset": cfg.dataset.name,
-               "threads": int(cfg.threads or threads),
+               "threads": used,
                "rows": rows, "seconds": round(time.perf_counter() - start, 3),
                "config": plain(cfg)}
     write_json(summary, out_dir / "summary.json")

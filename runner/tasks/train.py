@@ -8,7 +8,6 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-import torch
 from omegaconf import OmegaConf
 
 from .. import checkpoint, config, rundir
@@ -19,6 +18,7 @@ from ..preflight import check_amp
 from ..reporting import Job, depth_of, factors, num, series_label, table
 from ..resnet import check_resnet_config
 from ..rundir import RESUME_KEYS, locate
+from ..threads import apply as apply_threads
 from ..vision import check_dataset_files
 
 log = logging.getLogger("rode")
@@ -127,8 +127,7 @@ def resume_config(cfg, ckpt: dict):
 
 
 def run(cfg) -> dict:
-    if cfg.get("threads") is not None:
-        torch.set_num_threads(int(cfg.threads))   # the process is this run's alone
+    apply_threads(cfg)   # the process is this run's alone
     if cfg.get("resume") == AUTO:
         cfg = auto_resume(cfg)
     if cfg.get("resume"):

@@ -1,0 +1,154 @@
+"""How many CPU threads a rode process uses: ``threads: auto`` (the default).
+
+torch's default is one intra-op thread per core of the machine. Next to any other
+busy process (a second experiment, a sweep's other job), those threads spin
+against each other and a run takes many times longer (docs/benchmarks.md,
+"Threads"). ``auto`` takes instead:
+
+1. ``OMP_NUM_THREADS`` when it is set (the user's choice, or a launcher's: joblib's
+   workers get cores // n_jobs);
+2. else the cores this process may use -- its CPU affinity (``taskset``, Slurm's
+   cgroup cpuset) and its cgroup CPU quota (``cpu.max``, containers), not the
+   machine's count -- divided among the jobs a launcher runs at once
+   (``hydra/launcher=parallel``'s ``n_jobs``, or ``RODE_JOBS``);
+3. one thread for a small MLP (width <= ``SMALL_WIDTH``), which one thread runs
+   fastest: its matrix products are too small to split.
+
+``threads=<k>`` forces k; ``threads=null`` leaves torch's default. Data-loader
+workers follow the same budget (:func:`loader_workers`).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+AUTO = "auto"
+#: Jobs running at once on this machine, for launchers rode cannot see (set by hand).
+JOBS_ENV = "RODE_JOBS"
+#: A residual MLP at most this wide runs fastest on one thread (docs/benchmarks.md).
+SMALL_WIDTH = 128
+_CGROUP = Path("/sys/fs/cgroup")
+
+
+def cgroup_quota(root: Path | None = None) -> float | None:
+    """The CPU quota of this process's cgroup in cores (``cpu.max`` of cgroup v2, or
+    ``cpu.cfs_quota_us / cpu.cfs_period_us`` of v1); None when there is none."""
+    root = _CGROUP if root is None else root
+    try:
+        fields = (root / "cpu.max").read_text().split()
+        if fields and fields[0] != "max":
+            return int(fields[0]) / int(fields[1] if len(fields) > 1 else 100_000)
+        return None
+    except (OSError, ValueError, ZeroDivisionError):
+        pass
+    try:
+        quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+        return quota / period if quota > 0 and period > 0 else None
+    except (OSError, ValueError):
+        return None
+
+
+def usable_cores() -> int:
+    """The cores this process may use: its affinity, capped by its cgroup quota."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):   # not Linux
+        cores = os.cpu_count() or 1
+    quota = cgroup_quota()
+    if quota is not None:
+        cores = min(cores, max(1, math.ceil(quota)))
+    return max(1, cores)
+
+
+def _positive_int(text) -> int | None:
+    try:
+        value = int(str(text).strip())
+    except (TypeError, ValueError):
+        return None
+    return value if value >= 1 else None
+
+
+def concurrent_jobs(cores: int | None = None) -> int:
+    """How many rode jobs share this machine's cores now: ``RODE_JOBS`` if set, else
+    the ``n_jobs`` of a Hydra launcher that runs jobs side by side (joblib's
+    ``hydra/launcher=parallel``; -1 means one per core), else 1."""
+    jobs = _positive_int(os.environ.get(JOBS_ENV))
+    if jobs:
+        return jobs
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        if not HydraConfig.initialized():
+            return 1
+        hc = HydraConfig.get()
+        n_jobs = hc.launcher.get("n_jobs") if hc.mode == RunMode.MULTIRUN else None
+    except Exception:   # noqa: BLE001 - no Hydra, or a launcher without n_jobs
+        return 1
+    if n_jobs is None:
+        return 1
+    n_jobs = int(n_jobs)
+    if n_jobs < 0:   # joblib: -1 is every core, -2 all but one, ...
+        n_jobs = max(1, (cores or usable_cores()) + 1 + n_jobs)
+    return max(1, n_jobs)
+
+
+def budget() -> int:
+    """This job's share of the cores: usable cores // concurrent jobs (at least 1)."""
+    cores = usable_cores()
+    return max(1, cores // concurrent_jobs(cores))
+
+
+def small_model(cfg) -> bool:
+    """A residual MLP no wider than SMALL_WIDTH (hidden width included)."""
+    model = cfg.get("model") if hasattr(cfg, "get") else None
+    if model is None or model.get("name") != "mlp":
+        return False
+    widths = [cfg.get("width"), model.get("hidden")]
+    return all(w is None or int(w) <= SMALL_WIDTH for w in widths)
+
+
+def choose(threads, *, small: bool = False) -> tuple[int | None, str]:
+    """The thread count for a ``threads`` setting, and why (None: torch's default)."""
+    if threads is None:
+        return None, "threads=null: torch's default"
+    if threads != AUTO:
+        return int(threads), f"threads={int(threads)}"
+    omp = _positive_int(os.environ.get("OMP_NUM_THREADS"))
+    if omp:
+        return omp, f"threads=auto: OMP_NUM_THREADS={omp}"
+    if small:
+        return 1, "threads=auto: a small MLP runs fastest on one thread"
+    cores = usable_cores()
+    jobs = concurrent_jobs(cores)
+    n = max(1, cores // jobs)
+    return n, f"threads=auto: {cores} usable cores / {jobs} concurrent jobs"
+
+
+def apply(cfg) -> int:
+    """Set torch's intra-op thread count from ``cfg.threads`` (and its model, for
+    ``auto``); return the count in force."""
+    import torch
+
+    n, why = choose(cfg.get("threads"), small=small_model(cfg))
+    if n is not None:
+        torch.set_num_threads(n)
+        log.info("%d torch threads (%s)", n, why)
+    return torch.get_num_threads()
+
+
+def loader_workers(cfg, dataset=None) -> int:
+    """``dataset.num_workers``, held to this job's core budget when ``threads`` is
+    auto (a worker is a process of its own; a run asking for more workers than it
+    has cores only makes them wait). A run that asks for workers keeps at least
+    one, so where the random augmentations are drawn does not change."""
+    dataset = cfg.get("dataset") if dataset is None else dataset
+    requested = int((dataset.get("num_workers", 0) if dataset is not None else 0) or 0)
+    if requested <= 0 or cfg.get("threads") != AUTO:
+        return max(0, requested)
+    return max(1, min(requested, budget()))
