@@ -159,7 +159,16 @@ def _selected(summary: dict) -> str:
 
 # ------------------------------------------------------------------ report
 def report_section(jobs: list[Job], out: Path, figures: list[str]) -> str:
-    """Test error vs depth per (method, grad, other axes), with the spread over seeds."""
+    """Test error vs depth per (method, grad, other axes), with the spread over seeds;
+    for an lr x depth sweep, the learning-rate transfer section (runner.transfer) first."""
+    from ..transfer import section as transfer_section
+
+    transfer = transfer_section([j for j in jobs if "acc_before" not in j.summary], out, figures)
+    errors = _test_error_section(jobs, out, figures)
+    return "\n\n".join(part for part in (transfer, errors) if part)
+
+
+def _test_error_section(jobs: list[Job], out: Path, figures: list[str]) -> str:
     done = [j for j in jobs if j.status == "completed" and depth_of(j) is not None
             and "test_acc" in j.summary and "acc_before" not in j.summary]
     if not done:
