@@ -297,3 +297,24 @@ def plot_transfer(curves: dict, path: Path, name=str) -> Path:
             ax.grid(True, which="major", alpha=0.3)
             ax.legend(fontsize=7)
     return _save(fig, path)
+
+
+# ---------------------------------------------------------------- convergence
+def plot_convergence(series: dict[str, list[tuple]], path: Path) -> Path:
+    """Weights and outputs distance between depth N and 2N against N (log-log), one
+    line per series (``series[label] = [(N, weights, outputs)]``), slopes in the legend."""
+    fig, axes = _panels(2)
+    for ax, k, title in ((axes[0], 1, "trained weights, N vs 2N"),
+                         (axes[1], 2, "outputs, N vs 2N")):
+        ns = set()
+        for label, points in sorted(series.items()):
+            xs = [p[0] for p in points]
+            ys = [p[k] for p in points]
+            ns.update(xs)
+            ax.plot(xs, ys, marker="o", label=f"{label} (slope {fit_slope(xs, ys):.2f})")
+        _depth_axis(ax, ns)
+        ax.set_yscale("log")
+        ax.set_title(title, fontsize=9)
+        ax.set_ylabel("relative distance")
+        ax.legend(fontsize=6)
+    return _save(fig, path)

@@ -67,3 +67,24 @@ def test_slope_fit_recovers_a_power_law_with_its_uncertainty():
     (("adam", "depth_mup", 1.0), 0.5), (("sgd", "depth_mup", 0.5), 0.0)])
 def test_predictions_are_the_papers_rules(panel, slope):
     assert predicted_slope(panel) == pytest.approx(slope)
+
+
+def test_report_measures_where_weights_converge_on_a_real_depth_sweep(tmp_path):
+    from runner.cli import main
+    from runner.convergence import distances, pairs
+    from runner.tasks.report import find_jobs
+
+    sweep = tmp_path / "sweep"
+    main(["-m", "train", "depth=2,4,8", "epochs=1", "width=8", "dataset=synthetic",
+          "dataset.num_samples=160", "grad=backprop", "progress=false", "device=cpu",
+          f"hydra.sweep.dir={sweep}"])
+    main(["report", str(sweep)])
+    report = (sweep / "report.md").read_text()
+    assert (sweep / "convergence.png").read_bytes()[:8] == PNG
+    part = report.split("## Where trained weights converge")[1].split("\n## ")[0]
+    (chain,) = pairs(find_jobs(sweep)).values()
+    assert [n for n, _, _ in chain] == [2, 4]
+    for n, small, large in chain:
+        w, o = distances(small, large)
+        assert 0 < w < 1 and 0 < o < 1
+        assert f"| init=smooth, alpha=1, euler, seed=0 | {n} vs {2 * n} | {w:.3g} | {o:.3g} |" in part

@@ -160,12 +160,16 @@ def _selected(summary: dict) -> str:
 # ------------------------------------------------------------------ report
 def report_section(jobs: list[Job], out: Path, figures: list[str]) -> str:
     """Test error vs depth per (method, grad, other axes), with the spread over seeds;
-    for an lr x depth sweep, the learning-rate transfer section (runner.transfer) first."""
+    for an lr x depth sweep, the learning-rate transfer section (runner.transfer) first;
+    for depths N, 2N, 4N..., where trained weights converge (runner.convergence)."""
+    from ..convergence import section as convergence_section
     from ..transfer import section as transfer_section
 
-    transfer = transfer_section([j for j in jobs if "acc_before" not in j.summary], out, figures)
+    mine = [j for j in jobs if "acc_before" not in j.summary]
+    transfer = transfer_section(mine, out, figures)
+    converge = convergence_section(mine, out, figures)
     errors = _test_error_section(jobs, out, figures)
-    return "\n\n".join(part for part in (transfer, errors) if part)
+    return "\n\n".join(part for part in (transfer, converge, errors) if part)
 
 
 def _test_error_section(jobs: list[Job], out: Path, figures: list[str]) -> str:
