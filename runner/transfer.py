@@ -32,6 +32,15 @@ from pathlib import Path
 from .reporting import Job, fmt, num, table
 
 DIVERGED = "loss became"   # the engine's message for a non-finite loss
+CLASSES = {"digits": 10, "mnist": 10, "fashion_mnist": 10, "cifar10": 10, "cifar100": 100,
+           "imagenet": 1000}
+
+
+def chance_loss(config: dict) -> float:
+    """log(number of classes): the cross-entropy of a uniform guess (inf if unknown)."""
+    data = config.get("dataset") or {}
+    k = data.get("num_classes") or CLASSES.get(data.get("name"))
+    return math.log(k) if k else math.inf
 
 
 @dataclass(frozen=True)
@@ -42,6 +51,7 @@ class Point:
     lr: float
     loss: float             # inf: diverged
     val_acc: float          # nan: diverged or not recorded
+    chance: float = math.inf   # the loss of a uniform guess: a curve never below it did not train
 
 
 def panel_name(panel: tuple) -> str:
@@ -69,7 +79,8 @@ def points(jobs: list[Job]) -> list[Point]:
             loss = math.inf
         panel = (str(c.get("optimizer", "adam")), str(c.get("parametrization") or "standard"),
                  float(c.get("alpha", 1.0) if c.get("alpha") is not None else 1.0))
-        out.append(Point(panel, int(c["depth"]), int(c.get("seed", 0)), float(c["lr"]), loss, acc))
+        out.append(Point(panel, int(c["depth"]), int(c.get("seed", 0)), float(c["lr"]), loss, acc,
+                         chance_loss(c)))
     return out
 
 
@@ -141,14 +152,21 @@ class Analysis:
     curves: dict        # panel -> depth -> [(lr, median loss over seeds, diverged seeds, seeds)]
     best: dict          # panel -> depth -> [(seed, best lr, edge)]
     slopes: dict        # panel -> (slope, stderr, intercept, points used, edge points)
+    untrained: dict     # panel -> depth -> seeds whose every lr stayed at or above chance
 
 
 def analyse(ps: list[Point]) -> Analysis:
     by = defaultdict(list)
+    chance = {}
     for p in ps:
         by[(p.panel, p.depth, p.seed)].append((p.lr, p.loss))
+        chance[(p.panel, p.depth, p.seed)] = p.chance
     best: dict = defaultdict(lambda: defaultdict(list))
+    untrained: dict = defaultdict(lambda: defaultdict(int))
     for (panel, depth, seed), curve in sorted(by.items()):
+        if min(loss for _, loss in curve) >= chance[(panel, depth, seed)]:
+            untrained[panel][depth] += 1   # no lr trained: a best lr would be noise
+            continue
         found = best_lr(curve)
         if found is not None:
             best[panel][depth].append((seed, *found))
@@ -166,7 +184,8 @@ def analyse(ps: list[Point]) -> Analysis:
         ys = [math.log(lr) for found in depths.values() for _, lr, _ in found]
         edges = sum(edge for found in depths.values() for _, _, edge in found)
         slopes[panel] = (*fit_line(xs, ys), len(xs), edges)
-    return Analysis(dict(curves), {k: dict(v) for k, v in best.items()}, slopes)
+    return Analysis(dict(curves), {k: dict(v) for k, v in best.items()}, slopes,
+                    {k: dict(v) for k, v in untrained.items()})
 
 
 def section(jobs: list[Job], out: Path, figures: list[str]) -> str:
@@ -192,7 +211,10 @@ def section(jobs: list[Job], out: Path, figures: list[str]) -> str:
                          sum(edge for _, _, edge in found), fmt(least, 3),
                          fmt(max((a for a in acc if math.isfinite(a)), default=math.nan), 3)])
     never = [[panel_name(panel), depth] for panel, depths in result.curves.items()
-             for depth in depths if depth not in result.best.get(panel, {})]
+             for depth in depths if depth not in result.best.get(panel, {})
+             and depth not in result.untrained.get(panel, {})]
+    stuck = [[panel_name(panel), depth, n] for panel, depths in result.untrained.items()
+             for depth, n in sorted(depths.items())]
     slope_rows = []
     for panel, (s, se, _, n, edges) in sorted(result.slopes.items()):
         slope_rows.append([panel_name(panel), f"{fmt(s, 3)} ± {fmt(se, 2)}",
@@ -211,6 +233,10 @@ def section(jobs: list[Job], out: Path, figures: list[str]) -> str:
         "N^(2 alpha-1) with SGD (less the exponent a depth-aware parametrization applies).", "",
         table(["panel", "measured slope", "predicted", "points", "edge points"], slope_rows), "",
         "![loss against lr, one curve per depth](transfer.png)"]
+    if stuck:
+        text[2:2] = ["No lr of the grid trained (least loss at or above log(classes), a uniform "
+                     "guess; left out of the best lr and the fit) at: "
+                     + "; ".join(f"{p} depth {d} ({n} seeds)" for p, d, n in sorted(stuck)), ""]
     if never:
         text[2:2] = ["Every lr diverged at: " + "; ".join(f"{p} depth {d}" for p, d in never), ""]
     return "\n".join(text)
