@@ -36,7 +36,7 @@ from torch import nn
 from . import names
 from .gradmodes import Adjoint
 from .integrators import get_integrator
-from .stack import ResidualStack
+from .stack import ResidualStack, depth_step
 
 
 class Contender:
@@ -71,14 +71,15 @@ class _PlainLoop(nn.Module):
     """x_0 -> x_S by a bare Python loop over the functions: Euler or Heun with
     step 1/N, written out as a user would."""
 
-    def __init__(self, functions, method):
+    def __init__(self, functions, method, alpha: float = 1.0):
         super().__init__()
         self.functions = nn.ModuleList(functions)
         self.heun = method == "heun"
+        self.h = depth_step(len(functions), alpha)
 
     def forward(self, x):
         fs = list(self.functions)
-        h = 1.0 / len(fs)
+        h = self.h
         if not self.heun:
             for f in fs:
                 x = x + h * f(x)
@@ -95,8 +96,8 @@ class PlainContender(Contender):
     name = "plain"
     description = "a plain eager loop over the same modules, with autograd (the floor)"
 
-    def build(self, functions, method, **options):
-        return _PlainLoop(functions, method)
+    def build(self, functions, method, alpha: float = 1.0, **options):
+        return _PlainLoop(functions, method, alpha)
 
 
 class BackpropContender(Contender):
@@ -104,8 +105,8 @@ class BackpropContender(Contender):
     description = "autograd through every step"
     methods = EVERY_METHOD
 
-    def build(self, functions, method, **options):
-        return ResidualStack(functions, method, "backprop")
+    def build(self, functions, method, alpha: float = 1.0, **options):
+        return ResidualStack(functions, method, "backprop", alpha=alpha)
 
 
 class AdjointContender(Contender):
@@ -119,14 +120,14 @@ class AdjointContender(Contender):
         self.name = "adjoint" if vjp == "exact" else f"adjoint_{vjp}"
         self.description = f"discrete adjoint, Adjoint(vjp={vjp!r})"
 
-    def build(self, functions, method, compile: bool = False, **options):
-        return ResidualStack(functions, method, Adjoint(vjp=self.vjp, compile=compile))
+    def build(self, functions, method, compile: bool = False, alpha: float = 1.0, **options):
+        return ResidualStack(functions, method, Adjoint(vjp=self.vjp, compile=compile), alpha=alpha)
 
 
 class _Checkpointed(nn.Module):
-    def __init__(self, functions, method):
+    def __init__(self, functions, method, alpha: float = 1.0):
         super().__init__()
-        self.stack = ResidualStack(functions, method, "backprop")
+        self.stack = ResidualStack(functions, method, "backprop", alpha=alpha)
         self.segments = max(1, round(math.sqrt(self.stack.num_steps)))
 
     def forward(self, x):
@@ -145,8 +146,8 @@ class CheckpointContender(Contender):
     description = "torch.utils.checkpoint.checkpoint_sequential, ~sqrt(N) segments"
     methods = EVERY_METHOD
 
-    def build(self, functions, method, **options):
-        return _Checkpointed(functions, method)
+    def build(self, functions, method, alpha: float = 1.0, **options):
+        return _Checkpointed(functions, method, alpha)
 
 
 class IndexedField(nn.Module):
@@ -167,10 +168,10 @@ class IndexedField(nn.Module):
 class _ODEAdjoint(nn.Module):
     _SOLVER = {"euler": "euler", "heun": "heun2"}   # heun2: Heun's (trapezoid) tableau
 
-    def __init__(self, functions, method):
+    def __init__(self, functions, method, alpha: float = 1.0):
         super().__init__()
         integrator = get_integrator(method)
-        self.h = 1.0 / len(functions)
+        self.h = depth_step(len(functions), alpha)
         self.steps = integrator.num_steps(len(functions))
         self.field = IndexedField(functions, self.h)
         self.solver = self._SOLVER[integrator.name]
@@ -196,8 +197,8 @@ class TorchdiffeqContender(Contender):
     requires = "torchdiffeq"
     exact = False
 
-    def build(self, functions, method, **options):
-        return _ODEAdjoint(functions, method)
+    def build(self, functions, method, alpha: float = 1.0, **options):
+        return _ODEAdjoint(functions, method, alpha)
 
 
 class _InvertibleStep(nn.Module):
@@ -222,12 +223,12 @@ class _InvertibleStep(nn.Module):
 
 
 class _MemcnnStack(nn.Module):
-    def __init__(self, functions, method):
+    def __init__(self, functions, method, alpha: float = 1.0):
         super().__init__()
         from memcnn import InvertibleModuleWrapper
 
         integrator = get_integrator(method)
-        h = 1.0 / len(functions)
+        h = depth_step(len(functions), alpha)
         self.steps = nn.ModuleList(
             InvertibleModuleWrapper(_InvertibleStep(functions, integrator, n, h), keep_input=False)
             for n in range(integrator.num_steps(len(functions))))
@@ -251,12 +252,12 @@ class MemcnnContender(Contender):
     requires = "memcnn"
     exact = False
 
-    def build(self, functions, method, **options):
+    def build(self, functions, method, alpha: float = 1.0, **options):
         import warnings
 
         with warnings.catch_warnings():   # memcnn's torch.cuda.amp deprecation notices
             warnings.simplefilter("ignore", FutureWarning)
-            return _MemcnnStack(functions, method)
+            return _MemcnnStack(functions, method, alpha)
 
 
 CONTENDERS: dict[str, Contender] = {c.name: c for c in [

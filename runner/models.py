@@ -11,7 +11,7 @@ from .gradmodes import get_grad_mode
 from .inits import INITS
 from .integrators import get_integrator
 from .resnet import build_resnet
-from .stack import ResidualStack
+from .stack import ResidualStack, set_alpha
 
 # ------------------------------------------------------------ residual functions
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
@@ -80,11 +80,16 @@ names.agree(MODELS, names.MODELS, "MODELS")
 
 
 def build_model(cfg, input_shape, num_classes) -> nn.Module:
-    """The model a run's config describes (cfg: the whole task config)."""
-    return MODELS[cfg.model.name](
+    """The model a run's config describes (cfg: the whole task config). Every
+    residual stack gets the step N^(-alpha) (``alpha``: default 1, the step 1/N)."""
+    model = MODELS[cfg.model.name](
         input_shape, num_classes, width=int(cfg.width), init=cfg.init,
         method=integrator_from_config(cfg), grad=grad_mode_from_config(cfg),
         **model_options(cfg))
+    alpha = cfg.get("alpha", 1.0)
+    if alpha is not None and float(alpha) != 1.0:
+        set_alpha(model, float(alpha))
+    return model
 
 
 def model_options(cfg) -> dict:

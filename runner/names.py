@@ -24,6 +24,7 @@ IMAGE_DATASETS = ("mnist", "fashion_mnist", "cifar10", "cifar100", "imagenet")
 HOOKS = ("grad_error", "memory", "recon", "smoothness")   # runner.hooks.HOOKS
 CONTENDERS = ("plain", "backprop", "adjoint", "adjoint_shared", "checkpoint", "torchdiffeq",
               "memcnn")                             # runner.contenders.CONTENDERS
+PARAMETRIZATIONS = ("standard", "completep", "depth_mup")   # runner.optim.depth_factors
 OPTIMIZERS = ("sgd", "adam")                        # runner.engine.OPTIMIZERS
 SCHEDULES = ("constant", "step", "cosine")          # runner.engine.SCHEDULES
 MONITORS = ("val_acc", "val_loss", "train_loss")    # runner.selection.MONITORS

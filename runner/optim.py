@@ -15,7 +15,7 @@ from collections import defaultdict
 import torch
 from torch import nn
 
-from . import compat
+from . import compat, names
 
 # How a parameter group says which implementation steps it: this optimizer's own,
 # never taken from a loaded state dict, never copied onto the flat groups.
@@ -292,8 +292,83 @@ def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
     ``torch.optim.Adam(fused=True)``. SGD does less per element, so it gains less
     (12 ms against 14 ms; copying the gradients into the flat gradient is most of
     what is left), but it gains too: both step flat."""
+    parametrization = cfg.get("parametrization", "standard") or "standard"
+    if parametrization != "standard":
+        groups = depth_groups(model, parametrization, cfg.optimizer, float(cfg.lr),
+                              float(cfg.weight_decay))
+        if cfg.optimizer == "sgd":
+            return FlatOptimizer(groups, torch.optim.SGD, lr=cfg.lr, momentum=cfg.momentum,
+                                 weight_decay=cfg.weight_decay)
+        return FlatOptimizer(groups, torch.optim.Adam, lr=cfg.lr, weight_decay=cfg.weight_decay)
     params = list(model.parameters())
     if cfg.optimizer == "sgd":
         return FlatOptimizer(params, torch.optim.SGD, lr=cfg.lr, momentum=cfg.momentum,
                              weight_decay=cfg.weight_decay)
     return FlatOptimizer(params, torch.optim.Adam, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+# ------------------------------------------------------- depth-aware parametrizations
+PARAMETRIZATIONS = names.PARAMETRIZATIONS
+ADAM_EPS = 1e-8   # torch.optim.Adam's default: the eps of a depth-1 network
+
+
+def depth_factors(parametrization: str, optimizer: str, depth: int, alpha: float) -> dict:
+    """How the hyperparameters of the residual functions ("hidden" weights) of a stack
+    of ``depth`` functions with step ``depth**-alpha`` scale with depth: factors on
+    the base lr, Adam's eps and the weight decay (those of a depth-1 network; the
+    embedding and the head keep the base values). The one place the rules live:
+
+    - ``standard``: every factor 1 (the optimizer as it was).
+    - ``completep`` (Dey et al., "Don't be lazy: CompleteP enables compute-efficient
+      deep transformers", NeurIPS 2025, Table 1, depth exponents for a residual
+      multiplier L^-alpha): Adam's hidden lr x N^(alpha-1), eps x N^(-alpha), weight
+      decay x N^(1-alpha) (lr x wd constant in depth); with SGD, which the paper does
+      not treat, the lr x N^(2 alpha - 1) that keeps each block's update of the same
+      order (alpha=1: lr proportional to N, as Marion et al., ICLR 2024, train).
+    - ``depth_mup`` (Yang, Yu, Zhu & Hayou, "Tensor Programs VI: feature learning in
+      infinite-depth neural networks", ICLR 2024, Depth-muP with multiplier 1/sqrt(L);
+      Bordelon, Noci, Li, Hanin & Pehlevan, ICLR 2024): fixed exponents, whatever
+      ``alpha`` is: Adam's hidden lr x N^(-1/2), eps x N^(-1/2), weight decay x N^(1/2);
+      SGD's hidden lr constant.
+    """
+    n, a = float(depth), float(alpha)
+    if parametrization == "standard":
+        return {"lr": 1.0, "eps": 1.0, "weight_decay": 1.0}
+    if parametrization == "completep":
+        if optimizer == "sgd":
+            return {"lr": n ** (2 * a - 1), "eps": 1.0, "weight_decay": 1.0}
+        return {"lr": n ** (a - 1), "eps": n ** -a, "weight_decay": n ** (1 - a)}
+    if parametrization == "depth_mup":
+        if optimizer == "sgd":
+            return {"lr": 1.0, "eps": 1.0, "weight_decay": 1.0}
+        return {"lr": n ** -0.5, "eps": n ** -0.5, "weight_decay": n ** 0.5}
+    raise ValueError(f"parametrization={parametrization!r}: choose from {', '.join(PARAMETRIZATIONS)}")
+
+
+def depth_groups(model: nn.Module, parametrization: str, optimizer: str, lr: float,
+                 weight_decay: float = 0.0, eps: float = ADAM_EPS) -> list[dict]:
+    """Parameter groups for ``parametrization`` (see :func:`depth_factors`): one group
+    ``io`` (embedding, head, everything outside the residual functions) with the base
+    values, and one group ``hidden:<i>`` per ResidualStack with its functions'
+    parameters, its depth N and alpha read from the stack. Keys: lr, weight_decay,
+    and eps for Adam."""
+    from .stack import ResidualStack
+
+    stacks = [m for m in model.modules() if isinstance(m, ResidualStack)]
+    groups, taken = [], set()
+    for i, stack in enumerate(stacks):
+        params = [p for p in stack.functions.parameters() if id(p) not in taken]
+        taken.update(id(p) for p in params)
+        factors = depth_factors(parametrization, optimizer, stack.depth,
+                                getattr(stack, "alpha", 1.0))
+        group = {"params": params, "name": f"hidden:{i}", "depth": stack.depth,
+                 "lr": lr * factors["lr"], "weight_decay": weight_decay * factors["weight_decay"]}
+        if optimizer == "adam":
+            group["eps"] = eps * factors["eps"]
+        if params:
+            groups.append(group)
+    rest = [p for p in model.parameters() if id(p) not in taken]
+    io = {"params": rest, "name": "io", "lr": lr, "weight_decay": weight_decay}
+    if optimizer == "adam":
+        io["eps"] = eps
+    return [io, *groups] if rest else groups

@@ -257,3 +257,64 @@ def _num(value) -> float:
         return float(value)
     except (TypeError, ValueError):
         return float("nan")
+
+
+# ------------------------------------------------------------------- transfer
+def plot_transfer(curves: dict, path: Path, name=str) -> Path:
+    """Loss against lr (log-log), one curve per depth, one panel per (optimizer,
+    parametrization, alpha): ``curves[panel][depth] = [(lr, loss, diverged, seeds)]``
+    (loss: the median over seeds; inf when most seeds diverged, drawn as a cross at
+    the panel's top)."""
+    panels = sorted(curves)
+    alphas = sorted({p[2] for p in panels}, reverse=True)
+    rows = sorted({p[:2] for p in panels})
+    fig, axes = plt.subplots(len(rows), len(alphas), squeeze=False,
+                             figsize=(PANEL[0] * len(alphas), PANEL[1] * len(rows)))
+    depths = sorted({d for c in curves.values() for d in c})
+    cmap = plt.get_cmap("viridis")
+    colour = {d: cmap(i / max(1, len(depths) - 1)) for i, d in enumerate(depths)}
+    for r, row in enumerate(rows):
+        for c, alpha in enumerate(alphas):
+            ax = axes[r][c]
+            panel = (*row, alpha)
+            if panel not in curves:
+                ax.set_visible(False)
+                continue
+            finite = [v for d in curves[panel].values() for _, v, _, _ in d if math.isfinite(v)]
+            top = max(finite) * 1.5 if finite else 10.0
+            for depth, curve in sorted(curves[panel].items()):
+                xs = [lr for lr, _, _, _ in curve]
+                ys = [v if math.isfinite(v) else np.nan for _, v, _, _ in curve]
+                ax.plot(xs, ys, marker="o", ms=3, color=colour[depth], label=f"N={depth}")
+                gone = [lr for lr, v, _, _ in curve if not math.isfinite(v)]
+                if gone:
+                    ax.plot(gone, [top] * len(gone), "x", color=colour[depth], ms=6)
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel("lr")
+            ax.set_ylabel("training loss")
+            ax.set_title(name(panel), fontsize=9)
+            ax.grid(True, which="major", alpha=0.3)
+            ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+# ---------------------------------------------------------------- convergence
+def plot_convergence(series: dict[str, list[tuple]], path: Path) -> Path:
+    """Weights and outputs distance between depth N and 2N against N (log-log), one
+    line per series (``series[label] = [(N, weights, outputs)]``), slopes in the legend."""
+    fig, axes = _panels(2)
+    for ax, k, title in ((axes[0], 1, "trained weights, N vs 2N"),
+                         (axes[1], 2, "outputs, N vs 2N")):
+        ns = set()
+        for label, points in sorted(series.items()):
+            xs = [p[0] for p in points]
+            ys = [p[k] for p in points]
+            ns.update(xs)
+            ax.plot(xs, ys, marker="o", label=f"{label} (slope {fit_slope(xs, ys):.2f})")
+        _depth_axis(ax, ns)
+        ax.set_yscale("log")
+        ax.set_title(title, fontsize=9)
+        ax.set_ylabel("relative distance")
+        ax.legend(fontsize=6)
+    return _save(fig, path)

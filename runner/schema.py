@@ -32,6 +32,7 @@ GRADS, HOOKS, IMAGE_MODELS, INITS, METHODS = (names.GRADS, names.HOOKS, names.IM
                                               names.METHODS)
 MODELS, MONITORS, OPTIMIZERS, SCHEDULES, STEMS, VJPS = (names.MODELS, names.MONITORS, names.OPTIMIZERS,
                                                         names.SCHEDULES, names.STEMS, names.VJPS)
+PARAMETRIZATIONS = names.PARAMETRIZATIONS
 
 
 # ------------------------------------------------------------------ specs
@@ -430,8 +431,13 @@ HOOK_SCHEMA = Hooks(hooks={
     "smoothness": Group(fields=dict(_HOOK)),
 }, null=True)
 
+# The residual scaling: step h = N^(-alpha) (runner.stack.depth_step).
+ALPHA = Float(0, 1, required=False,
+              why=" (the step is depth**-alpha: 1 the ODE's 1/N, 0.5 Depth-muP's 1/sqrt(N), "
+                  "0 the standard ResNet)")
 # The residual stack: the same keys in every task that builds one.
 STACK = {
+    "alpha": ALPHA,
     "depth": DEPTH, "width": Int(1, MAX_WIDTH), "method": Choice(choices=tuple(METHODS)),
     "gamma": Float(0, 1, open_low=True, open_high=True, required=False),
     "grad": Choice(choices=GRADS), "init": Choice(choices=INITS), "seed": SEED,
@@ -439,6 +445,7 @@ STACK = {
 TRAINING = {
     "epochs": Int(1, 1_000_000), "batch_size": Int(1, 10_000_000),
     "optimizer": Choice(choices=OPTIMIZERS), "lr": POSITIVE, "momentum": Float(0, 1),
+    "parametrization": Choice(choices=PARAMETRIZATIONS, required=False),
     "weight_decay": Float(0), "schedule": Choice(choices=SCHEDULES),
     "device": DEVICE, "amp": Bool(), "progress": PROGRESS, "seed": SEED, "out_dir": OUT_DIR,
 }
@@ -508,6 +515,7 @@ TASK_SCHEMAS: dict[str, Group] = {
         "dtype": Choice(choices=("float32", "float64", "bfloat16", "float16")),
         "device": DEVICE, "threads": THREADS, "warmup": Int(0), "repeats": COUNT,
         "memory": Bool(), "compile": Bool(), "seed": SEED, "progress": PROGRESS, "out_dir": OUT_DIR,
+        "alpha": ALPHA,
     }),
     "discretization": Group(fields={
         "cases": ListOf(item=Choice(choices=("linear", "tanh"))),
@@ -515,7 +523,7 @@ TASK_SCHEMAS: dict[str, Group] = {
         "methods": ListOf(item=Choice(choices=tuple(METHODS))), "depths": DEPTHS,
         "dim": Int(1, 1024), "batch_size": COUNT, "trials": COUNT, "scale": POSITIVE,
         "modes": COUNT, "ref_steps": Int(1, 100_000_000), "seed": SEED, "progress": PROGRESS,
-        "threads": THREADS, "out_dir": OUT_DIR,
+        "threads": THREADS, "out_dir": OUT_DIR, "alpha": ALPHA,
     }),
     "linear": Group(fields={
         "depths": DEPTHS, "dim": Int(1, 64), "target_scale": Float(0),

@@ -19,6 +19,30 @@ _SPECIAL = (_BatchNorm, _Dropout)
 _SEQUENTIAL_FORWARD = nn.Sequential.forward
 
 
+def depth_step(depth: int, alpha: float = 1.0) -> float:
+    """The step h = N^(-alpha) of a stack of N residual functions: the one place the
+    residual scaling is computed. alpha = 1 is the ODE view (h = 1/N, exactly
+    ``1.0 / depth``, so results are unchanged), alpha = 1/2 Depth-muP's 1/sqrt(N),
+    alpha = 0 the standard ResNet (h = 1)."""
+    alpha = float(alpha)
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha={alpha!r} must be in [0, 1] (the step is depth**-alpha)")
+    if depth < 1:
+        raise ValueError(f"depth={depth} must be >= 1")
+    if alpha == 1.0:
+        return 1.0 / depth
+    return float(depth) ** -alpha
+
+
+def set_alpha(model: nn.Module, alpha: float = 1.0) -> None:
+    """Give every ResidualStack of ``model`` the step N^(-alpha) (N: its number of
+    residual functions) and remember ``alpha`` on it (``stack.alpha``)."""
+    for m in model.modules():
+        if isinstance(m, ResidualStack):
+            m.alpha = float(alpha)
+            m.step_size = depth_step(m.depth, alpha)
+
+
 @dataclass
 class Layout:
     """The structure of a stack as one pass needs it, found in one walk over its
@@ -60,8 +84,10 @@ class ResidualStack(nn.Module):
         grad: ``"backprop"`` (store every activation) or ``"adjoint"`` (store only
             the output; rebuild activations backward in the backward pass), or a
             :class:`GradMode` instance (e.g. with options).
-        step_size: defaults to 1/len(functions), as in the paper; a finite
+        step_size: defaults to N^(-alpha) with N = len(functions) (1/N, as in the
+            paper, with the default ``alpha=1``; :func:`depth_step`); a finite
             number > 0 otherwise.
+        alpha: the residual scaling: step N^(-alpha); 1 by default.
         preserve_rng: replay the random numbers of each function call when the
             adjoint evaluates it again (dropout masks, ``torch.randn_like``...):
             each call then draws from its own seeded stream (the CPU generator's,
@@ -85,6 +111,7 @@ class ResidualStack(nn.Module):
         grad: str | GradMode = "backprop",
         step_size: float | None = None,
         preserve_rng: bool | None = None,
+        alpha: float = 1.0,
     ):
         super().__init__()
         functions = list(functions)
@@ -97,12 +124,13 @@ class ResidualStack(nn.Module):
             )
         # ModuleList keeps repeated modules in place; parameters() still deduplicates.
         self.functions = nn.ModuleList(functions)
+        self.alpha = float(alpha)
         if step_size is None:
-            step_size = 1.0 / len(functions)
+            step_size = depth_step(len(functions), alpha)
         elif (isinstance(step_size, bool) or not isinstance(step_size, (int, float))
               or not math.isfinite(step_size) or step_size <= 0):
             raise ValueError(f"step_size={step_size!r} must be a finite number > 0, or None "
-                             "(1/len(functions))")
+                             "(len(functions) ** -alpha)")
         self.step_size = float(step_size)
         self.preserve_rng = preserve_rng
         self._roundtrip: torch.Tensor | None = None   # set by Adjoint's self-check

@@ -86,12 +86,12 @@ def make_problem(spec: dict):
     return functions, params, x0, target
 
 
-def float64_reference(functions, method: str, x0, target) -> torch.Tensor:
+def float64_reference(functions, method: str, x0, target, alpha: float = 1.0) -> torch.Tensor:
     """Backprop's gradient in float64 on the same (rounded) weights and batch, in
     the order of ``make_problem``'s params (one deep copy: ties survive)."""
     wide = copy.deepcopy(nn.ModuleList(functions)).to(torch.float64)
     params = list(wide.parameters())
-    model = CONTENDERS["backprop"].build(list(wide), method, compile=False)
+    model = CONTENDERS["backprop"].build(list(wide), method, compile=False, alpha=alpha)
     train_step(model, params, x0.double(), target.double())
     return flat_grad(params)
 
@@ -148,7 +148,8 @@ def peak_of_step(spec: dict) -> int:
     torch.set_num_threads(spec["threads"])
     functions, params, x0, target = make_problem(spec)
     model = CONTENDERS[spec["contender"]].build(functions, spec["method"],
-                                                 compile=spec["compile"])
+                                                 compile=spec["compile"],
+                                                 alpha=spec.get("alpha", 1.0))
     train_step(model, params, x0, target)   # warm-up: lazy one-time allocations
     for p in params:
         p.grad = None
@@ -289,7 +290,7 @@ def run(cfg) -> dict:
                     "hidden": cfg.hidden and int(cfg.hidden), "batch": int(cfg.batch_size),
                     "activation": cfg.activation, "init": init, "dtype": cfg.dtype,
                     "device": device, "seed": int(cfg.seed), "threads": threads,
-                    "compile": bool(cfg.compile)}
+                    "compile": bool(cfg.compile), "alpha": float(cfg.get("alpha", 1.0))}
             here = [n for n in names if method in CONTENDERS[n].methods]
             start = time.perf_counter()
             rows += _bench_one(spec, here, cfg, memory, memory_kind, notes, bar)
@@ -319,7 +320,8 @@ def run(cfg) -> dict:
 def _bench_one(spec, names, cfg, memory, memory_kind, notes, bar) -> list[dict]:
     """All contenders at one (method, depth): gradients, interleaved timing, memory."""
     functions, params, x0, target = make_problem(spec)
-    models = {n: CONTENDERS[n].build(functions, spec["method"], compile=spec["compile"])
+    models = {n: CONTENDERS[n].build(functions, spec["method"], compile=spec["compile"],
+                                     alpha=spec.get("alpha", 1.0))
               for n in names}
     times: dict[str, list[float]] = {n: [] for n in names}
     grads, peaks = {}, {}
@@ -336,7 +338,7 @@ def _bench_one(spec, names, cfg, memory, memory_kind, notes, bar) -> list[dict]:
         # right after the same other one (or first, on a warm cache).
         for n in order[r % len(order):] + order[:r % len(order)]:
             times[n].append(train_step(models[n], params, x0, target))
-    reference = (float64_reference(functions, spec["method"], x0, target)
+    reference = (float64_reference(functions, spec["method"], x0, target, spec.get("alpha", 1.0))
                  if spec["dtype"] in LOW_PRECISION else grads["backprop"])
     del models
     gc.collect()

@@ -34,7 +34,7 @@ from ..integrators import INTEGRATORS
 from ..io import fit_slope, plain, write_csv, write_json
 from ..plots import plot_discretization
 from ..reporting import Job, figure_suffixes, num, table, table_jobs
-from ..stack import ResidualStack
+from ..stack import ResidualStack, depth_step
 from ..threads import apply as apply_threads
 
 DTYPE = torch.float64
@@ -192,12 +192,14 @@ def iid_knots(std, trials, depth, g) -> PiecewiseLinear:
 
 
 # ----------------------------------------------------------------- solvers
-def resnet(case: Case, path: WeightPath, method: str, depth: int, x0: torch.Tensor) -> torch.Tensor:
-    """x_N of the ResNet with θ_n = θ(n/N): a ResidualStack with step 1/N that ends at t=1."""
+def resnet(case: Case, path: WeightPath, method: str, depth: int, x0: torch.Tensor,
+           alpha: float = 1.0) -> torch.Tensor:
+    """x_N of the ResNet with θ_n = θ(n/N): a ResidualStack with step 1/N that ends at t=1
+    (step N^(-alpha) with ``alpha`` < 1: it ends at t = N^(1-alpha), not at the ODE's t=1)."""
     count = depth + INTEGRATORS[method].min_functions - 1   # Heun: N+1 functions for N steps
     thetas = path(torch.arange(count, dtype=DTYPE) / depth)
     stack = ResidualStack([Layer(case, th) for th in thetas], method, "backprop",
-                          step_size=1.0 / depth)
+                          step_size=depth_step(depth, alpha), alpha=alpha)
     assert stack.num_steps == depth
     with torch.no_grad():
         return stack(x0)
@@ -260,7 +262,8 @@ def run(cfg) -> dict:
                 path = iid_knots(std, cfg.trials, depth, g)
                 ref = rk4(case, path, x0, reference_steps(path, int(cfg.ref_steps)))
             for method in as_list(cfg, "methods"):
-                error = rel_error(resnet(case, path, method, depth, x0), ref)
+                out = resnet(case, path, method, depth, x0, float(cfg.get("alpha", 1.0)))
+                error = rel_error(out, ref)
                 rows.append({"case": case_name, "weights": weights, "method": method,
                              "depth": depth, "error": error})
             bar.update()

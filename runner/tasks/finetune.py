@@ -33,7 +33,7 @@ from ..models import build_model, grad_mode_from_config
 from ..preflight import check_amp, resolve_device
 from ..reporting import Job, fmt, table
 from ..schema import METHODS
-from ..stack import ResidualStack
+from ..stack import ResidualStack, depth_step
 from ..threads import apply as apply_threads
 from ..threads import loader_workers
 from ..vision import check_dataset_files
@@ -116,14 +116,17 @@ def is_tied(stack: ResidualStack) -> bool:
 def refine(model: nn.Module, depths: list[int], grad) -> None:
     """Make every ResidualStack of ``model`` (in order) untied, of the given depth,
     with ``grad``; the method stays. The step size scales with the depth (1/N ->
-    1/N' by default). In place: the model (or stack) object stays the same."""
+    1/N' by default; N'^(-alpha) for a stack trained with alpha < 1). In place: the
+    model (or stack) object stays the same."""
     stacks = [m for m in model.modules() if isinstance(m, ResidualStack)]
     for stack, depth in zip(stacks, depths, strict=True):
+        alpha = getattr(stack, "alpha", 1.0)
+        step = (stack.step_size * stack.depth / depth if alpha == 1.0
+                else depth_step(depth, alpha))
         new = ResidualStack(resample_depth(list(stack.functions), depth), stack.integrator, grad,
-                            step_size=stack.step_size * stack.depth / depth,
-                            preserve_rng=stack.preserve_rng)
-        stack.functions, stack.step_size, stack.grad_mode = (
-            new.functions, new.step_size, new.grad_mode)
+                            step_size=step, preserve_rng=stack.preserve_rng, alpha=alpha)
+        stack.functions, stack.step_size, stack.grad_mode, stack.alpha = (
+            new.functions, new.step_size, new.grad_mode, new.alpha)
 
 
 # ---------------------------------------------------------- checkpoints

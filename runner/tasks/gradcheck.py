@@ -51,7 +51,7 @@ from ..reporting import Job, depth_of, factors, num, series_label, table
 from ..threads import apply as apply_threads
 
 # What a checkpoint's config decides: the model it holds.
-ARCHITECTURE = ("model", "dataset", "depth", "width", "method", "init", "adjoint")
+ARCHITECTURE = ("model", "dataset", "depth", "width", "method", "init", "adjoint", "alpha")
 
 
 def validate(cfg) -> None:
@@ -105,6 +105,8 @@ def architecture(cfg):
         for key in ARCHITECTURE:
             if key in saved:
                 arch[key] = saved[key]
+        with open_dict(arch):
+            arch.alpha = saved.get("alpha", 1.0)   # the checkpoint's scaling (1: before the key)
         check_depths(arch.depth, [arch.method], "depth")
         check_image_data(arch)
     with open_dict(arch):

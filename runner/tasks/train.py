@@ -163,7 +163,20 @@ def _selected(summary: dict) -> str:
 
 # ------------------------------------------------------------------ report
 def report_section(jobs: list[Job], out: Path, figures: list[str]) -> str:
-    """Test error vs depth per (method, grad, other axes), with the spread over seeds."""
+    """Test error vs depth per (method, grad, other axes), with the spread over seeds;
+    for an lr x depth sweep, the learning-rate transfer section (runner.transfer) first;
+    for depths N, 2N, 4N..., where trained weights converge (runner.convergence)."""
+    from ..convergence import section as convergence_section
+    from ..transfer import section as transfer_section
+
+    mine = [j for j in jobs if "acc_before" not in j.summary]
+    transfer = transfer_section(mine, out, figures)
+    converge = convergence_section(mine, out, figures)
+    errors = _test_error_section(jobs, out, figures)
+    return "\n\n".join(part for part in (transfer, converge, errors) if part)
+
+
+def _test_error_section(jobs: list[Job], out: Path, figures: list[str]) -> str:
     done = [j for j in jobs if j.status == "completed" and depth_of(j) is not None
             and "test_acc" in j.summary and "acc_before" not in j.summary]
     if not done:

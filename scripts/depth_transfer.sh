@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Figure: training loss after a fixed number of steps against lr, one curve per depth,
+# one panel per residual scaling alpha (1, 0.5, 0) and optimizer (Adam, SGD); the best lr
+# per depth and the slope of log(best lr) against log N, next to the predictions
+# N^(alpha-1) (Adam) and N^(2 alpha-1) (SGD).
+# Usage: scripts/depth_transfer.sh [full] [overrides...]
+#   default: digits, residual MLP width 64, depths 4..256, 2 seeds, 63 steps, 2 jobs at a
+#            time (hydra/launcher=parallel), one thread each (CPU: about 20 minutes)
+#   full:    depths 4..1024, 3 seeds, 210 steps, finer grid, on a GPU
+#   e.g. scripts/depth_transfer.sh parametrization=completep   (or model=conv dataset=...)
+# Writes <out>/adam, <out>/sgd (the two sweeps), <out>/report.md and <out>/transfer.png.
+source "$(dirname "$0")/common.sh"
+variant depth_transfer "$@"
+LAUNCH=()
+if [[ "$EXPERIMENT" == depth_transfer ]]; then LAUNCH=(hydra/launcher=parallel); fi
+SGD_LR=1e-2,3e-2,1e-1,3e-1,1,3
+if [[ "$EXPERIMENT" == depth_transfer_full ]]; then SGD_LR=3e-3,1e-2,3e-2,1e-1,3e-1,1,3,10; fi
+start=$(date +%s)
+sweep train +experiment="$EXPERIMENT" optimizer=adam "hydra.sweep.dir=$OUT/adam" "${LAUNCH[@]}" "${ARGS[@]}"
+echo "== adam sweep: $(( $(date +%s) - start )) s"
+start=$(date +%s)
+sweep train +experiment="$EXPERIMENT" optimizer=sgd "lr=$SGD_LR" "hydra.sweep.dir=$OUT/sgd" "${LAUNCH[@]}" "${ARGS[@]}"
+echo "== sgd sweep: $(( $(date +%s) - start )) s"
+start=$(date +%s)
+"$RODE" report "$OUT"
+echo "== report: $(( $(date +%s) - start )) s"
