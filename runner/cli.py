@@ -127,6 +127,7 @@ def main(argv: list[str] | None = None) -> None:
         _die(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
 
     multirun = any(f in _MULTIRUN for f in flags)
+    once.forget()   # what an earlier command in this process checked does not count
     only_hydra_flags = all(f in _MULTIRUN for f in flags)   # --help, --cfg ...: let Hydra answer
     try:
         overrides = bind_positional(TASKS[task].positional, overrides)
