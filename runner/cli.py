@@ -130,6 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     if task not in TASKS:
         _die(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
 
+    once.forget()   # what an earlier command in this process checked does not count
     try:
         overrides = bind_positional(TASKS[task].positional, overrides)
         notes: list[str] = []

@@ -9,6 +9,7 @@ dataset's files) are the third stage, each task module's ``validate(cfg)``, whic
 """
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 import sys
@@ -26,12 +27,13 @@ RENAMED = {"batch": "batch_size",
            "checkpoint.every_steps": "save.every_steps",       # `checkpoint` is an input path
            "checkpoint.every_minutes": "save.every_minutes",
            "model.weights": "model.pretrained",                # `weights`: weight profiles
-           "model.depths": "model.blocks"}                     # `depths`: a sweep list
+           "model.depths": "model.blocks",                     # `depths`: a sweep list
+           **{f"hooks.{h}.batch": f"hooks.{h}.batch_size" for h in ("grad_error", "memory", "recon")}}
 
 
 def upgrade_config(saved: dict) -> dict:
     """A stored config (a checkpoint's) with every RENAMED key under its new name."""
-    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in saved.items()}
+    out = copy.deepcopy(saved)
     for old, new in RENAMED.items():
         (*head, last), (*new_head, new_last) = old.split("."), new.split(".")
         node = out

@@ -340,7 +340,8 @@ def has_key(task: str, dotted: str) -> bool:
     for part in dotted.split("."):
         found = []
         for node in nodes:
-            groups = list(node.options.values()) if isinstance(node, Variants) else [node]
+            groups = (list(node.options.values()) if isinstance(node, Variants) else
+                      [Group(fields=node.hooks)] if isinstance(node, Hooks) else [node])
             found += [g.fields[part] for g in groups if isinstance(g, Group) and part in g.fields]
         if not found:
             return False
@@ -425,9 +426,9 @@ def check_values(schema: Group, values: dict, prefix: str, whole: bool = False) 
 
 _HOOK = {"every": Int(0, why=" (0: off)")}
 HOOK_SCHEMA = Hooks(hooks={
-    "grad_error": Group(fields={**_HOOK, "batch": Int(1, required=False)}),
-    "memory": Group(fields={**_HOOK, "batch": Int(1, null=True, required=False)}),
-    "recon": Group(fields={**_HOOK, "batch": Int(1, required=False)}),
+    "grad_error": Group(fields={**_HOOK, "batch_size": Int(1, required=False)}),
+    "memory": Group(fields={**_HOOK, "batch_size": Int(1, null=True, required=False)}),
+    "recon": Group(fields={**_HOOK, "batch_size": Int(1, required=False)}),
     "smoothness": Group(fields=dict(_HOOK)),
 }, null=True)
 

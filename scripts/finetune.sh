@@ -9,7 +9,7 @@
 # Writes <out>/pretrain/, <out>/finetune/ and <out>/report.md.
 source "$(dirname "$0")/common.sh"
 variant finetune "$@"
-pretrain=finetune_pretrain${EXPERIMENT#finetune}
+pretrain=train_pretrain${EXPERIMENT#finetune}
 "$RODE" train experiment="$pretrain" "hydra.run.dir=$OUT/pretrain"
 "$RODE" finetune experiment="$EXPERIMENT" "checkpoint=$OUT/pretrain" \
   "hydra.run.dir=$OUT/finetune" "${ARGS[@]}"

@@ -8,6 +8,6 @@
 #   full:    CIFAR-10 conv ResNet (16 planes) at initialisation, on a GPU
 # Writes <out>/report.md and <out>/grad_error.png.
 source "$(dirname "$0")/common.sh"
-variant grad_error "$@"
+variant gradcheck "$@"   # experiment=gradcheck[_full]
 sweep gradcheck experiment="$EXPERIMENT" "hydra.sweep.dir=$OUT" "${ARGS[@]}"
 "$RODE" report "$OUT"

@@ -7,6 +7,6 @@
 #   full:    CIFAR-10, conv ResNet, depths 2..64, 3 seeds, SGD schedule of the paper (GPU)
 # Writes <out>/report.md and <out>/test_error.png.
 source "$(dirname "$0")/common.sh"
-variant test_error "$@"
+variant train "$@"   # experiment=train[_full]
 sweep train experiment="$EXPERIMENT" "hydra.sweep.dir=$OUT" "${ARGS[@]}"
 "$RODE" report "$OUT"

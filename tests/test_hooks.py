@@ -50,7 +50,7 @@ def test_each_hook_writes_its_fields_and_leaves_training_unchanged(tmp_path):
         # only the stack's output (batch 32 x width 16 floats).
         assert r["layer_saved_bytes"] == [0] * steps
         assert r["stack_output_bytes"] == r["stack_saved_bytes"] == 32 * 16 * 4
-        assert r["saved_bytes"] > r["stack_saved_bytes"] and r["batch"] == 32
+        assert r["saved_bytes"] > r["stack_saved_bytes"] and r["batch_size"] == 32
         assert r["peak_bytes"] >= 0 and r["peak_kind"] in (
             "cpu_peak_rss_growth", "process_peak_rss")
     for r in by_hook["recon"]:
@@ -74,7 +74,7 @@ def test_off_hooks_are_not_built_and_bad_options_are_config_errors(tmp_path):
     cfg = compose_config("train", ["hooks.grad_error.every=3"], tmp_path)
     hooks = build_hooks(cfg.hooks)
     assert [h.name for h in hooks] == ["grad_error"] and hooks[0].every == 3
-    for bad in ["hooks.grad_error.batch=0", "hooks.recon.batch=-2", "hooks.memory.batch=1.5"]:
+    for bad in ["hooks.grad_error.batch_size=0", "hooks.recon.batch_size=-2", "hooks.memory.batch_size=1.5"]:
         cfg = compose_config("train", ["hooks=all", bad], tmp_path)
         with pytest.raises(ConfigError, match=bad.split("=")[0]):
             build_hooks(cfg.hooks)

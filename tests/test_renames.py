@@ -16,22 +16,26 @@ TINY = ["dataset=synthetic", "dataset.num_samples=64", "dataset.val_fraction=0",
 def test_old_key_names_work_with_a_note():
     notes = []
     assert renamed_keys("train", ["checkpoint.every_steps=5", "model.weights=x.pth",
-                                  "model.depths=[2,2,2,2]"], notes) == \
-        ["save.every_steps=5", "model.pretrained=x.pth", "model.blocks=[2,2,2,2]"]
-    assert len(notes) == 3 and "checkpoint.every_steps= is now save.every_steps=" in notes[0]
+                                  "model.depths=[2,2,2,2]", "hooks.recon.batch=8"], notes) == \
+        ["save.every_steps=5", "model.pretrained=x.pth", "model.blocks=[2,2,2,2]",
+         "hooks.recon.batch_size=8"]
+    assert len(notes) == 4 and "checkpoint.every_steps= is now save.every_steps=" in notes[0]
     # where `checkpoint` is an input path it stays one
     assert renamed_keys("finetune", ["checkpoint=run"], notes) == ["checkpoint=run"]
     assert renamed_keys("gradcheck", ["checkpoint=run"], notes) == ["checkpoint=run"]
-    assert len(notes) == 3
+    assert len(notes) == 4
 
 
 def test_upgrade_config_moves_old_keys():
     old = {"checkpoint": {"every_steps": 3, "every_minutes": None}, "depth": 4,
+           "hooks": {"grad_error": {"every": 0, "batch": 64}},
            "model": {"name": "resnet", "weights": None, "depths": [2, 2, 2, 2]}}
     assert upgrade_config(old) == {"save": {"every_steps": 3, "every_minutes": None}, "depth": 4,
+                                   "hooks": {"grad_error": {"every": 0, "batch_size": 64}},
                                    "model": {"name": "resnet", "pretrained": None,
                                              "blocks": [2, 2, 2, 2]}}
-    assert "checkpoint" in old and "weights" in old["model"]   # the stored dict is not changed
+    # the stored dict is not changed
+    assert "checkpoint" in old and "weights" in old["model"] and "batch" in old["hooks"]["grad_error"]
 
 
 def test_a_checkpoint_with_the_old_key_names_resumes(rode_cli, tmp_path):

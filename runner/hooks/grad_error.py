@@ -7,7 +7,7 @@ from .periodic import PeriodicHook
 
 
 class GradErrorHook(PeriodicHook):
-    """On a fixed probe batch of ``batch`` training examples, computes the backprop
+    """On a fixed probe batch of ``batch_size`` training examples, computes the backprop
     and the adjoint gradient of the current weights (whatever ``grad`` the run
     trains with) and logs ``rel_error`` and ``cosine`` (all parameters),
     ``stack_rel_error`` and ``stack_cosine`` (residual functions only), and per
@@ -19,9 +19,9 @@ class GradErrorHook(PeriodicHook):
 
     name = "grad_error"
 
-    def __init__(self, every: int = 0, batch: int = 128, **options):
+    def __init__(self, every: int = 0, batch_size: int = 128, **options):
         super().__init__(every, **options)
-        self.batch = int(batch)
+        self.batch = int(batch_size)
 
     def measure(self, run) -> dict:
         x, y = self.probe_batch(run, self.batch)

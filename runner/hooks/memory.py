@@ -19,9 +19,9 @@ class MemoryHook(PeriodicHook):
 
     name = "memory"
 
-    def __init__(self, every: int = 0, batch: int | None = None, **options):
+    def __init__(self, every: int = 0, batch_size: int | None = None, **options):
         super().__init__(every, **options)
-        self.batch = None if batch is None else int(batch)
+        self.batch = None if batch_size is None else int(batch_size)
         self._warm = False
 
     def measure(self, run) -> dict:
@@ -38,4 +38,4 @@ class MemoryHook(PeriodicHook):
                 step()
                 self._warm = True
             peak, kind = peak_memory_of(step, run.device)
-        return {**result, "peak_bytes": peak, "peak_kind": kind, "batch": len(y)}
+        return {**result, "peak_bytes": peak, "peak_kind": kind, "batch_size": len(y)}

@@ -12,9 +12,9 @@ class ReconHook(PeriodicHook):
 
     name = "recon"
 
-    def __init__(self, every: int = 0, batch: int = 128, **options):
+    def __init__(self, every: int = 0, batch_size: int = 128, **options):
         super().__init__(every, **options)
-        self.batch = int(batch)
+        self.batch = int(batch_size)
 
     def measure(self, run) -> dict:
         x, _ = self.probe_batch(run, self.batch)
