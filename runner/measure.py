@@ -276,6 +276,52 @@ def saved_activation_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
             "stack_output_bytes": output, "layer_saved_bytes": per_layer}
 
 
+def _bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of the distinct storages of ``tensors`` (a storage shared twice counts once)."""
+    seen, total = set(), 0
+    for t in tensors:
+        key = t.untyped_storage().data_ptr()
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+def optimizer_state_tensors(optimizer) -> list[torch.Tensor]:
+    """The tensors an optimizer keeps between steps (momenta, second moments, ...)."""
+    if optimizer is None:
+        return []
+    return [v for state in optimizer.state.values() for v in state.values()
+            if isinstance(v, torch.Tensor) and v.numel() > 1]
+
+
+# The byte figures of one training step's model memory, in the order they add up.
+MODEL_MEMORY_KEYS = ("saved_activation_bytes", "param_bytes", "grad_bytes",
+                     "optimizer_state_bytes", "model_memory_bytes")
+
+
+def model_memory(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer=None,
+                 loss_fn: Loss = F.cross_entropy, autocast: Callable | None = None) -> dict:
+    """The memory one training step of ``model`` on the batch ``(x, y)`` needs for
+    the network itself, on any device: ``saved_activation_bytes`` (what autograd
+    keeps for the backward pass, measured as ``rode memory`` measures it: saved-tensor
+    hooks on one real forward pass in training mode), ``param_bytes`` and
+    ``grad_bytes`` (one gradient per trainable parameter), ``optimizer_state_bytes``
+    (the tensors ``optimizer`` keeps between steps, as it holds them now) and their
+    sum ``model_memory_bytes``. The model is left untouched (parameters, ``.grad``,
+    BatchNorm statistics, modes, random streams): no optimizer step is taken."""
+    with untouched(model):
+        model.train()
+        with (autocast() if autocast is not None else contextlib.nullcontext()):
+            saved = saved_activation_bytes(model, x, y, loss_fn)["saved_bytes"]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    params = _bytes(model.parameters())
+    grads = sum(p.numel() * p.element_size() for p in trainable)
+    state = _bytes(optimizer_state_tensors(optimizer))
+    return dict(zip(MODEL_MEMORY_KEYS, (saved, params, grads, state,
+                                        saved + params + grads + state), strict=True))
+
+
 def proc_status(key: str) -> int:
     """A byte figure (VmRSS, VmHWM, ...) from /proc/self/status."""
     with open("/proc/self/status") as f:
