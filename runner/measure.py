@@ -288,10 +288,12 @@ def _bytes(tensors: Iterable[torch.Tensor]) -> int:
 
 
 def optimizer_state_tensors(optimizer) -> list[torch.Tensor]:
-    """The tensors an optimizer keeps between steps (momenta, second moments, ...)."""
+    """The tensors an optimizer keeps between steps (momenta, second moments, ...);
+    of a FlatOptimizer (runner.optim), its inner optimizer's flat state."""
     if optimizer is None:
         return []
-    return [v for state in optimizer.state.values() for v in state.values()
+    inner = getattr(optimizer, "inner", optimizer)
+    return [v for state in inner.state.values() for v in state.values()
             if isinstance(v, torch.Tensor) and v.numel() > 1]
 
 
