@@ -74,10 +74,8 @@ def evaluate(model, loader, device, dist: distributed.Dist | None = None) -> tup
 def mixed_precision(amp: bool, device: torch.device):
     """(autocast context factory, gradient scaler) for ``amp``: bfloat16 where the GPU
     has it, else float16 with loss scaling; both are no-ops when amp is off or not on CUDA."""
-    enabled = amp and device.type == "cuda"
-    dtype = torch.bfloat16 if enabled and torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=enabled and dtype == torch.float16)
-    return (lambda: torch.autocast("cuda", dtype=dtype, enabled=enabled)), scaler
+    autocast, dtype = measure.autocast_of(device, amp and device.type == "cuda")
+    return autocast, torch.amp.GradScaler("cuda", enabled=dtype == "float16")
 
 
 # --------------------------------------------------------------- run state

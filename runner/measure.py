@@ -124,28 +124,70 @@ def layer_groups(model: nn.Module) -> list[tuple[int, list[nn.Parameter]]]:
 
 
 # ------------------------------------------------------------ gradient error
+def autocast_of(device: torch.device, amp: bool):
+    """(autocast context factory, its dtype name or None) of ``amp=true`` on ``device``:
+    bfloat16 on the CPU; on CUDA bfloat16 where the GPU has it, else float16 (the
+    caller scales the loss then). A no-op context when ``amp`` is off. The one
+    autocast set-up of rode: ``rode train`` (CUDA only) and ``gradcheck`` use it."""
+    if not amp:
+        return contextlib.nullcontext, None
+    dtype = (torch.bfloat16 if device.type != "cuda" or torch.cuda.is_bf16_supported()
+             else torch.float16)
+    return (lambda: torch.autocast(device.type, dtype=dtype)), str(dtype).removeprefix("torch.")
+
+
 def gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mode: GradMode,
-              loss_fn: Loss = F.cross_entropy) -> dict[int, torch.Tensor]:
+              loss_fn: Loss = F.cross_entropy, *, autocast: Callable | None = None,
+              roundtrips: list | None = None) -> dict[int, torch.Tensor]:
     """{id(parameter): gradient} of ``loss_fn(model(x), y)`` with every stack in
-    ``mode``. Uses ``autograd.grad``: no ``.grad`` is written."""
+    ``mode``, the forward pass under ``autocast()`` if given (the loss then taken in
+    float32 at least). Uses ``autograd.grad``: no ``.grad`` is written. The adjoint's
+    self-check values (round-trip errors) of this pass are appended to ``roundtrips``."""
     params = [p for p in model.parameters() if p.requires_grad]
     with grad_mode_as(model, mode), torch.enable_grad():
-        loss = loss_fn(model(x), y)
+        with (autocast() if autocast is not None else contextlib.nullcontext()):
+            logits = model(x)
+        loss = loss_fn(logits.to(torch.promote_types(logits.dtype, torch.float32)), y)
         grads = torch.autograd.grad(loss, params, allow_unused=True)
+        if roundtrips is not None:
+            roundtrips += [t for t in (s.last_roundtrip_error for s in residual_stacks(model))
+                           if t is not None]
     return {id(p): torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)}
+
+
+def compare_gradients(model: nn.Module, grads: dict[int, torch.Tensor],
+                      reference: dict[int, torch.Tensor]) -> dict:
+    """Relative error (||g - g_ref|| / ||g_ref||) and cosine of ``grads`` against
+    ``reference`` ({id(parameter): gradient}, as :func:`gradients` gives): over all
+    trainable parameters (``rel_error``, ``cosine``), over the residual functions only
+    (``stack_rel_error``, ``stack_cosine``; nan without any), and per layer
+    (``layers``: dicts with ``layer``, ``rel_error``, ``cosine``; see
+    :func:`layer_groups` for tied weights)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = layer_groups(model)
+    stack_params = [p for _, ps in groups for p in ps]
+    rows = []
+    for layer, ps in groups:
+        a, b = _flat(grads[id(p)] for p in ps), _flat(reference[id(p)] for p in ps)
+        rows.append({"layer": layer, "rel_error": _rel(a, b), "cosine": _cosine(a, b)})
+    a_all, b_all = _flat(grads[id(p)] for p in params), _flat(reference[id(p)] for p in params)
+    result = {"rel_error": _rel(a_all, b_all), "cosine": _cosine(a_all, b_all),
+              "stack_rel_error": float("nan"), "stack_cosine": float("nan"), "layers": rows}
+    if stack_params:
+        a_st = _flat(grads[id(p)] for p in stack_params)
+        b_st = _flat(reference[id(p)] for p in stack_params)
+        result.update(stack_rel_error=_rel(a_st, b_st), stack_cosine=_cosine(a_st, b_st))
+    return result
 
 
 def gradient_error(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
                    adjoint: GradMode | None = None, train: bool = True,
                    loss_fn: Loss = F.cross_entropy) -> dict:
-    """The adjoint's gradient against exact backprop, on the same weights and batch.
+    """The adjoint's gradient against exact backprop, on the same weights and batch
+    (:func:`compare_gradients` of the two).
 
     Both passes run in train mode (``train=True``: what a training step
     differentiates; BatchNorm uses batch statistics) from the same random state.
-    Returns the totals over all parameters (``rel_error``, ``cosine``), over the
-    residual functions only (``stack_rel_error``, ``stack_cosine``), and per
-    layer (``layers``: dicts with ``layer``, ``rel_error``, ``cosine``; see
-    :func:`layer_groups` for tied weights). Relative error: ||g_adj - g_bp|| / ||g_bp||.
     """
     adjoint = adjoint or Adjoint()
     with untouched(model):
@@ -153,22 +195,7 @@ def gradient_error(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
         with untouched(model):   # the second pass starts from the same state
             exact = gradients(model, x, y, Backprop(), loss_fn)
         approx = gradients(model, x, y, adjoint, loss_fn)
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = layer_groups(model)
-    stack_params = [p for _, ps in groups for p in ps]
-    rows = []
-    for layer, ps in groups:
-        a, b = _flat(approx[id(p)] for p in ps), _flat(exact[id(p)] for p in ps)
-        rows.append({"layer": layer, "rel_error": _rel(a, b), "cosine": _cosine(a, b)})
-    a_all, b_all = _flat(approx[id(p)] for p in params), _flat(exact[id(p)] for p in params)
-    result = {"rel_error": _rel(a_all, b_all), "cosine": _cosine(a_all, b_all),
-              "stack_rel_error": float("nan"), "stack_cosine": float("nan"), "layers": rows}
-    if stack_params:
-        a_st = _flat(approx[id(p)] for p in stack_params)
-        b_st = _flat(exact[id(p)] for p in stack_params)
-        result.update(stack_rel_error=_rel(a_st, b_st), stack_cosine=_cosine(a_st, b_st))
-    return result
+    return compare_gradients(model, approx, exact)
 
 
 # ------------------------------------------------------------------- memory

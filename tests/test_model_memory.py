@@ -9,7 +9,8 @@ from torch import nn
 from runner import measure
 from runner.tasks.train import pareto_optimal
 
-FAST = ["dataset=synthetic", "dataset.num_samples=400", "epochs=1", "width=16", "progress=false", "device=cpu", "threads=1"]
+FAST = ["dataset=synthetic", "dataset.num_samples=400", "epochs=1", "width=16", "progress=false",
+        "device=cpu", "threads=1"]
 
 
 def _summary(rode_cli, tmp_path, *overrides):
