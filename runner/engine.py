@@ -6,7 +6,6 @@ import json
 import logging
 import math
 import random
-import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,13 +35,6 @@ log = logging.getLogger("rode")
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
-
-
-def peak_memory(device: torch.device) -> tuple[int, str]:
-    """(bytes, what they measure): allocator peak on CUDA, process peak RSS on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device), "cuda_max_memory_allocated"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process_peak_rss"
 
 
 def lr_factor(schedule: str, step: int, total: int) -> float:
@@ -318,7 +310,7 @@ def _train(cfg, hooks, model, data, resume, dist, device, stop) -> dict:
 
     for hook in hooks:
         hook.on_train_end(run)
-    peak, peak_kind = peak_memory(device)
+    peak, peak_kind = measure.peak_memory(None, device)
     # The network's own memory for one step (saved activations, parameters, gradients,
     # optimizer state), on the last batch trained; it leaves the run as it was.
     with measure.preserved_rng():

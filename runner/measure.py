@@ -383,29 +383,36 @@ def _release_free_memory() -> None:
         pass
 
 
-def peak_memory_of(fn: Callable[[], object], device: torch.device) -> tuple[int, str]:
-    """Run ``fn()`` and return (bytes, kind) for its peak memory.
+# What a peak-memory figure measures (the ``*_kind`` beside every peak in rode's outputs).
+PEAK_KINDS = {
+    "cuda_max_memory_allocated": "CUDA: the allocator's peak, everything allocated included "
+                                 "(weights, optimizer state, activations)",
+    "cpu_peak_rss_growth": "CPU on Linux: how far the process's peak resident set rose above "
+                           "its size just before the step, after freed heap memory was returned",
+    "process_peak_rss": "the process's lifetime peak resident set (coarse upper bound)",
+}
 
-    kinds: ``cuda_max_memory_allocated`` (CUDA: the allocator's peak during
-    ``fn``, everything allocated included: weights, optimizer state,
-    activations); ``cpu_peak_rss_growth`` (CPU on Linux: how far the process's
-    peak resident set rose above its size just before ``fn``, after freed heap
-    memory was returned to the OS; it sees every allocation, torch's or not);
-    ``process_peak_rss`` (elsewhere: the process's lifetime peak RSS, a coarse
-    upper bound). On CUDA this resets the peak statistics.
-    """
+
+def peak_memory(step: Callable[[], object] | None, device: torch.device) -> tuple[int, str]:
+    """(bytes, kind) for the peak memory of ``step()`` on ``device``, or, with
+    ``step=None``, of the process (CUDA: the allocator's peak since the last reset)
+    so far. ``kind`` is one of :data:`PEAK_KINDS`. On CUDA running a step resets
+    the peak statistics."""
     if device.type == "cuda":
+        if step is None:
+            return torch.cuda.max_memory_allocated(device), "cuda_max_memory_allocated"
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-        fn()
+        step()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device), "cuda_max_memory_allocated"
-    _release_free_memory()
-    if _reset_peak_rss():
-        before = proc_status("VmRSS")
-        fn()
-        return max(0, proc_status("VmHWM") - before), "cpu_peak_rss_growth"
-    fn()
+    if step is not None:
+        _release_free_memory()
+        if _reset_peak_rss():
+            before = proc_status("VmRSS")
+            step()
+            return max(0, proc_status("VmHWM") - before), "cpu_peak_rss_growth"
+        step()
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process_peak_rss"
 
 
