@@ -124,28 +124,70 @@ def layer_groups(model: nn.Module) -> list[tuple[int, list[nn.Parameter]]]:
 
 
 # ------------------------------------------------------------ gradient error
+def autocast_of(device: torch.device, amp: bool):
+    """(autocast context factory, its dtype name or None) of ``amp=true`` on ``device``:
+    bfloat16 on the CPU; on CUDA bfloat16 where the GPU has it, else float16 (the
+    caller scales the loss then). A no-op context when ``amp`` is off. The one
+    autocast set-up of rode: ``rode train`` (CUDA only) and ``gradcheck`` use it."""
+    if not amp:
+        return contextlib.nullcontext, None
+    dtype = (torch.bfloat16 if device.type != "cuda" or torch.cuda.is_bf16_supported()
+             else torch.float16)
+    return (lambda: torch.autocast(device.type, dtype=dtype)), str(dtype).removeprefix("torch.")
+
+
 def gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mode: GradMode,
-              loss_fn: Loss = F.cross_entropy) -> dict[int, torch.Tensor]:
+              loss_fn: Loss = F.cross_entropy, *, autocast: Callable | None = None,
+              roundtrips: list | None = None) -> dict[int, torch.Tensor]:
     """{id(parameter): gradient} of ``loss_fn(model(x), y)`` with every stack in
-    ``mode``. Uses ``autograd.grad``: no ``.grad`` is written."""
+    ``mode``, the forward pass under ``autocast()`` if given (the loss then taken in
+    float32 at least). Uses ``autograd.grad``: no ``.grad`` is written. The adjoint's
+    self-check values (round-trip errors) of this pass are appended to ``roundtrips``."""
     params = [p for p in model.parameters() if p.requires_grad]
     with grad_mode_as(model, mode), torch.enable_grad():
-        loss = loss_fn(model(x), y)
+        with (autocast() if autocast is not None else contextlib.nullcontext()):
+            logits = model(x)
+        loss = loss_fn(logits.to(torch.promote_types(logits.dtype, torch.float32)), y)
         grads = torch.autograd.grad(loss, params, allow_unused=True)
+        if roundtrips is not None:
+            roundtrips += [t for t in (s.last_roundtrip_error for s in residual_stacks(model))
+                           if t is not None]
     return {id(p): torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)}
+
+
+def compare_gradients(model: nn.Module, grads: dict[int, torch.Tensor],
+                      reference: dict[int, torch.Tensor]) -> dict:
+    """Relative error (||g - g_ref|| / ||g_ref||) and cosine of ``grads`` against
+    ``reference`` ({id(parameter): gradient}, as :func:`gradients` gives): over all
+    trainable parameters (``rel_error``, ``cosine``), over the residual functions only
+    (``stack_rel_error``, ``stack_cosine``; nan without any), and per layer
+    (``layers``: dicts with ``layer``, ``rel_error``, ``cosine``; see
+    :func:`layer_groups` for tied weights)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = layer_groups(model)
+    stack_params = [p for _, ps in groups for p in ps]
+    rows = []
+    for layer, ps in groups:
+        a, b = _flat(grads[id(p)] for p in ps), _flat(reference[id(p)] for p in ps)
+        rows.append({"layer": layer, "rel_error": _rel(a, b), "cosine": _cosine(a, b)})
+    a_all, b_all = _flat(grads[id(p)] for p in params), _flat(reference[id(p)] for p in params)
+    result = {"rel_error": _rel(a_all, b_all), "cosine": _cosine(a_all, b_all),
+              "stack_rel_error": float("nan"), "stack_cosine": float("nan"), "layers": rows}
+    if stack_params:
+        a_st = _flat(grads[id(p)] for p in stack_params)
+        b_st = _flat(reference[id(p)] for p in stack_params)
+        result.update(stack_rel_error=_rel(a_st, b_st), stack_cosine=_cosine(a_st, b_st))
+    return result
 
 
 def gradient_error(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
                    adjoint: GradMode | None = None, train: bool = True,
                    loss_fn: Loss = F.cross_entropy) -> dict:
-    """The adjoint's gradient against exact backprop, on the same weights and batch.
+    """The adjoint's gradient against exact backprop, on the same weights and batch
+    (:func:`compare_gradients` of the two).
 
     Both passes run in train mode (``train=True``: what a training step
     differentiates; BatchNorm uses batch statistics) from the same random state.
-    Returns the totals over all parameters (``rel_error``, ``cosine``), over the
-    residual functions only (``stack_rel_error``, ``stack_cosine``), and per
-    layer (``layers``: dicts with ``layer``, ``rel_error``, ``cosine``; see
-    :func:`layer_groups` for tied weights). Relative error: ||g_adj - g_bp|| / ||g_bp||.
     """
     adjoint = adjoint or Adjoint()
     with untouched(model):
@@ -153,22 +195,7 @@ def gradient_error(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
         with untouched(model):   # the second pass starts from the same state
             exact = gradients(model, x, y, Backprop(), loss_fn)
         approx = gradients(model, x, y, adjoint, loss_fn)
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = layer_groups(model)
-    stack_params = [p for _, ps in groups for p in ps]
-    rows = []
-    for layer, ps in groups:
-        a, b = _flat(approx[id(p)] for p in ps), _flat(exact[id(p)] for p in ps)
-        rows.append({"layer": layer, "rel_error": _rel(a, b), "cosine": _cosine(a, b)})
-    a_all, b_all = _flat(approx[id(p)] for p in params), _flat(exact[id(p)] for p in params)
-    result = {"rel_error": _rel(a_all, b_all), "cosine": _cosine(a_all, b_all),
-              "stack_rel_error": float("nan"), "stack_cosine": float("nan"), "layers": rows}
-    if stack_params:
-        a_st = _flat(approx[id(p)] for p in stack_params)
-        b_st = _flat(exact[id(p)] for p in stack_params)
-        result.update(stack_rel_error=_rel(a_st, b_st), stack_cosine=_cosine(a_st, b_st))
-    return result
+    return compare_gradients(model, approx, exact)
 
 
 # ------------------------------------------------------------------- memory
@@ -276,6 +303,54 @@ def saved_activation_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
             "stack_output_bytes": output, "layer_saved_bytes": per_layer}
 
 
+def _bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of the distinct storages of ``tensors`` (a storage shared twice counts once)."""
+    seen, total = set(), 0
+    for t in tensors:
+        key = t.untyped_storage().data_ptr()
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+def optimizer_state_tensors(optimizer) -> list[torch.Tensor]:
+    """The tensors an optimizer keeps between steps (momenta, second moments, ...);
+    of a FlatOptimizer (runner.optim), its inner optimizer's flat state."""
+    if optimizer is None:
+        return []
+    inner = getattr(optimizer, "inner", optimizer)
+    return [v for state in inner.state.values() for v in state.values()
+            if isinstance(v, torch.Tensor) and v.numel() > 1]
+
+
+# The byte figures of one training step's model memory, in the order they add up.
+MODEL_MEMORY_KEYS = ("saved_activation_bytes", "param_bytes", "grad_bytes",
+                     "optimizer_state_bytes", "model_memory_bytes")
+
+
+def model_memory(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer=None,
+                 loss_fn: Loss = F.cross_entropy, autocast: Callable | None = None) -> dict:
+    """The memory one training step of ``model`` on the batch ``(x, y)`` needs for
+    the network itself, on any device: ``saved_activation_bytes`` (what autograd
+    keeps for the backward pass, measured as ``rode memory`` measures it: saved-tensor
+    hooks on one real forward pass in training mode), ``param_bytes`` and
+    ``grad_bytes`` (one gradient per trainable parameter), ``optimizer_state_bytes``
+    (the tensors ``optimizer`` keeps between steps, as it holds them now) and their
+    sum ``model_memory_bytes``. The model is left untouched (parameters, ``.grad``,
+    BatchNorm statistics, modes, random streams): no optimizer step is taken."""
+    with untouched(model):
+        model.train()
+        with (autocast() if autocast is not None else contextlib.nullcontext()):
+            saved = saved_activation_bytes(model, x, y, loss_fn)["saved_bytes"]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    params = _bytes(model.parameters())
+    grads = sum(p.numel() * p.element_size() for p in trainable)
+    state = _bytes(optimizer_state_tensors(optimizer))
+    return dict(zip(MODEL_MEMORY_KEYS, (saved, params, grads, state,
+                                        saved + params + grads + state), strict=True))
+
+
 def proc_status(key: str) -> int:
     """A byte figure (VmRSS, VmHWM, ...) from /proc/self/status."""
     with open("/proc/self/status") as f:
@@ -308,29 +383,36 @@ def _release_free_memory() -> None:
         pass
 
 
-def peak_memory_of(fn: Callable[[], object], device: torch.device) -> tuple[int, str]:
-    """Run ``fn()`` and return (bytes, kind) for its peak memory.
+# What a peak-memory figure measures (the ``*_kind`` beside every peak in rode's outputs).
+PEAK_KINDS = {
+    "cuda_max_memory_allocated": "CUDA: the allocator's peak, everything allocated included "
+                                 "(weights, optimizer state, activations)",
+    "cpu_peak_rss_growth": "CPU on Linux: how far the process's peak resident set rose above "
+                           "its size just before the step, after freed heap memory was returned",
+    "process_peak_rss": "the process's lifetime peak resident set (coarse upper bound)",
+}
 
-    kinds: ``cuda_max_memory_allocated`` (CUDA: the allocator's peak during
-    ``fn``, everything allocated included: weights, optimizer state,
-    activations); ``cpu_peak_rss_growth`` (CPU on Linux: how far the process's
-    peak resident set rose above its size just before ``fn``, after freed heap
-    memory was returned to the OS; it sees every allocation, torch's or not);
-    ``process_peak_rss`` (elsewhere: the process's lifetime peak RSS, a coarse
-    upper bound). On CUDA this resets the peak statistics.
-    """
+
+def peak_memory(step: Callable[[], object] | None, device: torch.device) -> tuple[int, str]:
+    """(bytes, kind) for the peak memory of ``step()`` on ``device``, or, with
+    ``step=None``, of the process (CUDA: the allocator's peak since the last reset)
+    so far. ``kind`` is one of :data:`PEAK_KINDS`. On CUDA running a step resets
+    the peak statistics."""
     if device.type == "cuda":
+        if step is None:
+            return torch.cuda.max_memory_allocated(device), "cuda_max_memory_allocated"
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-        fn()
+        step()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device), "cuda_max_memory_allocated"
-    _release_free_memory()
-    if _reset_peak_rss():
-        before = proc_status("VmRSS")
-        fn()
-        return max(0, proc_status("VmHWM") - before), "cpu_peak_rss_growth"
-    fn()
+    if step is not None:
+        _release_free_memory()
+        if _reset_peak_rss():
+            before = proc_status("VmRSS")
+            step()
+            return max(0, proc_status("VmHWM") - before), "cpu_peak_rss_growth"
+        step()
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process_peak_rss"
 
 

@@ -318,3 +318,34 @@ def plot_convergence(series: dict[str, list[tuple]], path: Path) -> Path:
         ax.set_ylabel("relative distance")
         ax.legend(fontsize=6)
     return _save(fig, path)
+
+
+def plot_pareto(points: list[dict], path: Path, memory_label: str = "model memory of a step") -> Path:
+    """An accuracy/memory study: one point per trial, memory (bytes, log x) against
+    validation accuracy; colour: grad mode (and vjp), marker: method; Pareto-optimal
+    trials circled and joined as the front. points: dicts with ``memory``, ``acc``,
+    ``grad``, ``method``, ``pareto``."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    grads = sorted({p["grad"] for p in points})
+    methods = sorted({p["method"] for p in points})
+    colours = {g: f"C{i}" for i, g in enumerate(grads)}
+    markers = {m: "osD^v<>pP*X"[i % 11] for i, m in enumerate(methods)}
+    for g in grads:
+        for m in methods:
+            pts = [p for p in points if p["grad"] == g and p["method"] == m]
+            if pts:
+                ax.scatter([p["memory"] for p in pts], [100 * p["acc"] for p in pts],
+                           c=colours[g], marker=markers[m], s=30, label=f"{g}, {m}")
+    front = sorted((p for p in points if p["pareto"]), key=lambda p: p["memory"])
+    if front:
+        ax.plot([p["memory"] for p in front], [100 * p["acc"] for p in front], "k--", lw=0.8,
+                drawstyle="steps-post", label="Pareto front")
+        ax.scatter([p["memory"] for p in front], [100 * p["acc"] for p in front], s=140,
+                   facecolors="none", edgecolors="k", linewidths=1.0)
+    ax.set_xscale("log")
+    ax.set_xlabel(f"{memory_label} (bytes, log scale)")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.set_title("accuracy vs memory (circled: Pareto-optimal)", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)

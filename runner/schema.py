@@ -453,7 +453,7 @@ TRAINING = {
 
 # Model selection, experiment tracking, determinism: train and finetune.
 METRIC_NAMES = ("val_acc", "val_loss", "train_loss", "test_acc", "test_loss", "peak_memory_bytes",
-                "seconds")
+                "seconds", "model_memory_bytes", "saved_activation_bytes")
 TRACKING = {
     "monitor": Choice(choices=MONITORS, required=False),
     "early_stopping": Group(fields={"patience": Int(1, null=True, why=" (null: off)")},

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from ..measure import peak_memory_of, saved_activation_bytes, untouched
+from ..measure import peak_memory, saved_activation_bytes, untouched
 from .periodic import PeriodicHook
 
 
@@ -13,7 +13,7 @@ class MemoryHook(PeriodicHook):
     with the run's grad mode, and logs ``saved_bytes`` (everything autograd
     saved for backward), ``stack_saved_bytes``, ``stack_output_bytes``,
     ``layer_saved_bytes`` (per residual step), and ``peak_bytes`` with
-    ``peak_kind`` (see :func:`runner.measure.peak_memory_of`); the first
+    ``peak_kind`` (see :func:`runner.measure.peak_memory`); the first
     measurement follows one unmeasured warm-up step.
     """
 
@@ -37,5 +37,5 @@ class MemoryHook(PeriodicHook):
             if not self._warm:   # one-time allocations (autograd, kernels) are not the step's
                 step()
                 self._warm = True
-            peak, kind = peak_memory_of(step, run.device)
+            peak, kind = peak_memory(step, run.device)
         return {**result, "peak_bytes": peak, "peak_kind": kind, "batch_size": len(y)}

@@ -25,7 +25,6 @@ adjoint pass (anchored, as training would continue) gives
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import statistics
@@ -34,7 +33,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from omegaconf import OmegaConf, open_dict
 
 from .. import checkpoint as ckpt
@@ -44,7 +42,7 @@ from ..engine import seed_everything
 from ..errors import ConfigError
 from ..gradmodes import get_grad_mode
 from ..io import fit_slope, plain, read_csv, write_csv, write_json
-from ..measure import DTYPES, grad_mode_as, layer_groups, residual_stacks, untouched
+from ..measure import DTYPES, autocast_of, compare_gradients, gradients, residual_stacks, untouched
 from ..models import build_model
 from ..preflight import check_device, resolve_device
 from ..reporting import Job, depth_of, factors, num, series_label, table
@@ -114,71 +112,20 @@ def architecture(cfg):
     return arch, checkpoint
 
 
-def autocast_of(device: torch.device, amp: bool):
-    """The autocast context of ``amp=true`` on ``device`` (CPU: bfloat16; CUDA:
-    bfloat16 where the GPU has it, else float16, as ``rode train``), or a no-op."""
-    if not amp:
-        return contextlib.nullcontext, None
-    dtype = (torch.bfloat16 if device.type != "cuda" or torch.cuda.is_bf16_supported()
-             else torch.float16)
-    return (lambda: torch.autocast(device.type, dtype=dtype)), str(dtype).removeprefix("torch.")
-
-
-def probe(model, x, y, mode, autocast) -> tuple[list[torch.Tensor], float | None]:
-    """(float64 gradients of the cross-entropy to every trainable parameter, the
-    largest round-trip error the adjoint's self-check measured or None), in train
-    mode, from the random state the model had (so that two probes see the same
-    dropout draws). The loss is taken in float32 at least, as under autocast."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    with untouched(model), grad_mode_as(model, mode), torch.enable_grad():
+def probe(model, x, y, mode, autocast, keys=None) -> tuple[dict, float | None]:
+    """(float64 gradients of the cross-entropy, keyed as :func:`runner.measure.gradients`
+    keys them or by ``keys`` (the ids of another model's trainable parameters, in
+    order), the largest round-trip error the adjoint's self-check measured or None),
+    in train mode, from the random state the model had (two probes see the same
+    dropout draws)."""
+    trips: list[float] = []
+    with untouched(model):
         model.train()
-        with autocast():
-            logits = model(x)
-        loss = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), y)
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-        trips = [s.last_roundtrip_error for s in residual_stacks(model)]
-    trips = [t for t in trips if t is not None]
-    flat = [torch.zeros(p.numel(), dtype=torch.float64, device=p.device) if g is None
-            else g.detach().double().flatten() for p, g in zip(params, grads, strict=True)]
-    return flat, (max(trips) if trips else None)
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    diff, ref = (a - b).norm().item(), b.norm().item()
-    if ref == 0.0:
-        return 0.0 if diff == 0.0 else math.inf
-    return diff / ref
-
-
-def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    na, nb = a.norm().item(), b.norm().item()
-    if na == 0.0 or nb == 0.0:
-        return 1.0 if na == nb else 0.0
-    return (a @ b).item() / (na * nb)
-
-
-def compare(model, grads, reference) -> dict:
-    """Relative error and cosine of ``grads`` against ``reference`` (lists aligned
-    with the model's trainable parameters): over all, over the residual functions,
-    and per layer (see :func:`runner.measure.layer_groups`)."""
-    index = {id(p): i for i, p in enumerate(p for p in model.parameters() if p.requires_grad)}
-
-    def cat(gs, ids):
-        return torch.cat([gs[index[i]] for i in ids])
-
-    rows, stack_ids = [], []
-    for layer, ps in layer_groups(model):
-        ids = [id(p) for p in ps]
-        stack_ids += ids
-        a, b = cat(grads, ids), cat(reference, ids)
-        rows.append({"layer": layer, "rel_error": _rel(a, b), "cosine": _cosine(a, b)})
-    a_all, b_all = torch.cat(grads), torch.cat(reference)
-    out = {"rel_error": _rel(a_all, b_all), "cosine": _cosine(a_all, b_all),
-           "stack_rel_error": math.nan, "stack_cosine": math.nan, "layers": rows}
-    if stack_ids:
-        a, b = cat(grads, stack_ids), cat(reference, stack_ids)
-        out.update(stack_rel_error=_rel(a, b), stack_cosine=_cosine(a, b))
-    return out
+        grads = gradients(model, x, y, mode, autocast=autocast, roundtrips=trips)
+    params = [p for p in model.parameters() if p.requires_grad]
+    keys = keys or [id(p) for p in params]
+    return ({k: grads[id(p)].detach().double() for k, p in zip(keys, params, strict=True)},
+            max(trips) if trips else None)
 
 
 def run(cfg) -> dict:
@@ -204,26 +151,26 @@ def run(cfg) -> dict:
     exact = dtype == torch.float64 and not amp
     # The reference: backprop in float64 on the same (possibly rounded) weights and batch.
     reference_model = model if exact else copy.deepcopy(model).to(torch.float64)
-    reference, _ = probe(reference_model, x.double(), y, get_grad_mode("backprop"),
-                         contextlib.nullcontext)
+    keys = [id(p) for p in model.parameters() if p.requires_grad]
+    reference, _ = probe(reference_model, x.double(), y, get_grad_mode("backprop"), None, keys)
     del reference_model
 
     options = dict(arch.get("adjoint") or {})
     adjoint = get_grad_mode("adjoint", **{**options, "roundtrip": True})   # the self-check: free
     grads, roundtrip = probe(model, x, y, adjoint, autocast)
-    result = compare(model, grads, reference)
+    result = compare_gradients(model, grads, reference)
     layers = result["layers"]
     if exact:
         floor = same = {"rel_error": 0.0, "stack_rel_error": 0.0 if layers else math.nan}
     else:   # backprop in the same precision: its own rounding, and the adjoint's on top
         low = probe(model, x, y, get_grad_mode("backprop"), autocast)[0]
-        floor, same = compare(model, low, reference), compare(model, grads, low)
+        floor, same = compare_gradients(model, low, reference), compare_gradients(model, grads, low)
     tolerance = adjoint.max_roundtrip
     escalated = tolerance is not None and roundtrip is not None and not roundtrip <= tolerance
     checked = {}
     if escalated:   # the stacks switched to anchors: what the next training step gets
         every = [adjoint.anchors_of(s).step for s in residual_stacks(model) if adjoint.anchors_of(s)]
-        again = compare(model, probe(model, x, y, adjoint, autocast)[0], reference)
+        again = compare_gradients(model, probe(model, x, y, adjoint, autocast)[0], reference)
         checked = {"escalated_rel_error": again["rel_error"],
                    "escalated_stack_rel_error": again["stack_rel_error"],
                    "escalated_anchor_every": min(every) if every else None}

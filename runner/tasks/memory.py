@@ -7,7 +7,7 @@ For each depth and grad mode, builds the model, and on a random batch measures
 - ``peak_bytes``: the peak memory of one training step (forward, backward,
   SGD update), measured after one warm-up step; its kind is in summary.json
   (``cuda_max_memory_allocated`` on GPU, ``cpu_peak_rss_growth`` on CPU: see
-  :func:`runner.measure.peak_memory_of`);
+  :func:`runner.measure.peak_memory`);
 - ``seconds_per_step``: the median over ``steps`` more steps.
 
 Writes ``memory.csv`` (depth, grad, method, saved_bytes, peak_bytes,
@@ -29,7 +29,7 @@ from ..config import as_list, show_progress
 from ..data import build_dataset
 from ..engine import seed_everything
 from ..io import format_size, plain, write_csv, write_json
-from ..measure import peak_memory_of, saved_activation_bytes
+from ..measure import peak_memory, saved_activation_bytes
 from ..models import build_model
 from ..preflight import check_device, resolve_device
 from ..reporting import Job, num, table, table_jobs
@@ -63,7 +63,7 @@ def measure_step(cfg, depth: int, grad: str, input_shape, num_classes, device) -
 
     saved = saved_activation_bytes(model, x, y)
     step()   # warm-up: one-time allocations (gradients' first use, kernels, thread pools)
-    peak, kind = peak_memory_of(step, device)
+    peak, kind = peak_memory(step, device)
     seconds = []
     for _ in range(cfg.steps):
         if device.type == "cuda":

@@ -198,7 +198,7 @@ def _test_error_section(jobs: list[Job], out: Path, figures: list[str]) -> str:
                      statistics.median(j.summary.get("seconds", math.nan) for j in js),
                      format_size(statistics.median(num(j.summary.get("peak_memory_bytes"))
                                                    for j in js))])
-    rows_trials = _trials(done)
+    rows_trials = _trials(done, out, figures)
     from ..plots import plot_test_error  # matplotlib: only when a report is drawn
     plot_test_error(dict(series), out / "test_error.png")
     figures.append("test_error.png")
@@ -214,9 +214,58 @@ def _test_error_section(jobs: list[Job], out: Path, figures: list[str]) -> str:
         "![test error vs depth](test_error.png)", *rows_trials])
 
 
-def _trials(jobs: list[Job]) -> list[str]:
+def pareto_optimal(points: list[tuple[float, float]]) -> list[bool]:
+    """For (accuracy, memory) pairs: whether each is Pareto-optimal, i.e. no other pair
+    has accuracy at least as high and memory at most as low, one of them strictly."""
+    def beaten(a, m):
+        return any(a2 >= a and m2 <= m and (a2 > a or m2 < m) for a2, m2 in points)
+    return [not (math.isnan(a) or math.isnan(m)) and not beaten(a, m) for a, m in points]
+
+
+def _pareto(trials: list[Job], out: Path, figures: list[str], name: str) -> list[str]:
+    """A two-objective study (hparams_search=optuna_pareto: accuracy against memory):
+    the figure of every trial with its Pareto-optimal ones marked, and their table."""
+    names = (trials[0].summary.get("config") or {}).get("objective")
+    if not isinstance(names, list) or len(names) != 2:
+        return []
+    acc_name, mem_name = names
+    points = []
+    for j in trials:
+        best = j.summary.get("best_metrics") or {}
+        cfg = j.summary.get("config") or {}
+        grad = str(cfg.get("grad"))
+        if grad == "adjoint":
+            grad += f" ({(cfg.get('adjoint') or {}).get('vjp', 'exact')} vjp)"
+        points.append({"job": j, "acc": num(best.get(acc_name, j.summary.get(acc_name))),
+                       "memory": num(best.get(mem_name, j.summary.get(mem_name))),
+                       "grad": grad, "method": str(cfg.get("method")),
+                       "depth": cfg.get("depth"), "lr": cfg.get("lr")})
+    for p, optimal in zip(points, pareto_optimal([(p["acc"], p["memory"]) for p in points]),
+                          strict=True):
+        p["pareto"] = optimal
+    if not any(p["pareto"] for p in points):
+        return []
+    from ..plots import plot_pareto  # matplotlib: only when a report is drawn
+    figure = f"pareto_{name}.png" if len(figures) and any(f.startswith("pareto") for f in figures) \
+        else "pareto.png"
+    plot_pareto(points, out / figure, mem_name)
+    figures.append(figure)
+    front = sorted((p for p in points if p["pareto"]), key=lambda p: p["memory"])
+    rows = [[format_size(p["memory"]), f"{100 * p['acc']:.2f}", p["depth"], p["grad"],
+             p["method"], f"{num(p['lr']):.4g}",
+             format_size(num(p["job"].summary.get("saved_activation_bytes")))] for p in front]
+    return ["", f"Pareto-optimal trials ({len(front)} of {len(points)}): {acc_name} against "
+            f"{mem_name}, smallest memory first; no other trial is both more accurate and "
+            "smaller.", "",
+            table([mem_name, f"{acc_name} %", "depth", "grad", "method", "lr",
+                   "saved activations"], rows), "",
+            f"![accuracy vs memory]({figure})"]
+
+
+def _trials(jobs: list[Job], out_dir: Path | None = None, figures: list[str] | None = None) -> list[str]:
     """A hyperparameter study (hparams_search=...): every trial, its searched values and
-    its objective, best first. The study is found by its optimization_results.yaml."""
+    its objective, best first; for a two-objective study also its Pareto front (figure
+    and table). The study is found by its optimization_results.yaml."""
     studies = {j.path.parent for j in jobs if (j.path.parent / "optimization_results.yaml").is_file()}
     if not studies:
         return []
@@ -240,6 +289,8 @@ def _trials(jobs: list[Job]) -> list[str]:
                 "its test accuracy at the selected epoch.", "",
                 table([*keys, "val acc %", "test acc % (selected)", "peak"], rows), "",
                 "Optuna's result (optimization_results.yaml):", "", "```", results, "```"]
+        if out_dir is not None and figures is not None:
+            out += _pareto(trials, Path(out_dir), figures, study.name)
     return out
 
 
