@@ -131,7 +131,7 @@ def _fig_legend(fig, axes, title: str | None = None):
         for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
             seen.setdefault(label, handle)
     if seen:
-        fig.legend(list(seen.values()), list(seen), loc="outside right upper", fontsize=7,
+        fig.legend(list(seen.values()), list(seen), loc="outside right center", fontsize=7,
                    title=title, title_fontsize=7)
 
 
@@ -458,6 +458,84 @@ def plot_bench(rows: list[dict], path: Path) -> Path:
         ("peak_bytes", "peak memory (MiB)", 1 / 2**20, "log"),
         ("grad_rel_error", "gradient error vs backprop", 1.0, "log")],
         "benchmark: one training step vs depth", path, style)
+
+
+# ------------------------------------------------------------ hook records
+def _distinct_styles(labels: list[str], default_grad: str | None = None) -> dict[str, dict]:
+    """The vocabulary's style per label; where two labels would look alike (a sweep over a
+    key the vocabulary does not know), a colour and marker of their own for each."""
+    styles = {lab: {"marker": "o", "linestyle": "-", **_style(lab, default_grad)} for lab in labels}
+    keys = [(s.get("color"), s["linestyle"], s["marker"]) for s in styles.values()]
+    if len(set(keys)) < len(keys) or any(k[0] is None for k in keys):
+        marks = ["o", "s", "^", "D", "v", "x", "+", "P"]
+        styles = {lab: {"color": _FALLBACK[k % len(_FALLBACK)], "marker": marks[k % len(marks)],
+                        "linestyle": ["-", "--", ":", "-."][(k // len(_FALLBACK)) % 4]}
+                  for k, lab in enumerate(labels)}
+    return styles
+
+
+def plot_hook_run(steps: list[int], layers: list[list[float]], scalar: list[float], schema,
+                  title: str, path: Path) -> Path:
+    """One run's records of one hook: per-layer values as a layer × step heatmap (log colour
+    when the schema says so) and the schema's scalar over training."""
+    from matplotlib.colors import LogNorm, Normalize
+
+    fig, (ax, ax2) = _panels(2, title, width=2 * PANEL[0] + 1.2)
+    n = max((len(v) for v in layers), default=0)
+    grid = np.full((n, len(steps)), np.nan)
+    for k, values in enumerate(layers):
+        grid[:len(values), k] = values
+    positive = grid[np.isfinite(grid) & (grid > 0)]
+    if schema.log and positive.size:
+        norm = LogNorm(vmin=positive.min(), vmax=max(positive.max(), positive.min() * 1.0001))
+        grid = np.where(grid > 0, grid, np.nan)   # log colour: zero is "not drawn"
+    else:
+        finite = grid[np.isfinite(grid)]
+        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+        norm = Normalize(vmin=lo, vmax=hi if hi > lo else lo + 1)
+    mesh = ax.pcolormesh(np.arange(len(steps) + 1) - 0.5, np.arange(n + 1) - 0.5, grid,
+                         norm=norm, cmap="viridis", shading="flat")
+    colorbar = fig.colorbar(mesh, ax=ax)
+    colorbar.set_label(wrap(schema.per_layer_label, 2.6, 8), fontsize=8)
+    shown = sorted(set(np.linspace(0, len(steps) - 1, min(len(steps), 8)).round().astype(int)))
+    ax.set_xticks(shown)
+    ax.set_xticklabels([str(steps[k]) for k in shown], fontsize=7)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("layer n")
+    ax.set_title(schema.per_layer, fontsize=9)
+    ax2.plot(steps, scalar, marker="o", ms=3, color=color_of("adjoint"))
+    ax2.set_xlabel("training step")
+    ax2.set_ylabel(wrap(schema.scalar_label, 2.6, 9), fontsize=9)
+    ax2.set_title(schema.scalar, fontsize=9)
+    if schema.log and all(v > 0 for v in scalar if math.isfinite(v)) and scalar:
+        ax2.set_yscale("log")
+    ax2.grid(True, alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_hook_compare(runs: dict[str, dict], schema, title: str, path: Path) -> Path:
+    """runs: label -> {"step": s, "layers": [...] at step s, "steps": [...], "scalar": [...]}.
+    The per-layer values of each run at one step against n / N (runs of different depths
+    compare on one axis), and each run's scalar over training."""
+    fig, (ax, ax2) = _panels(2, title, width=2 * PANEL[0] + 1.8)
+    styles = _distinct_styles(list(runs))
+    for label, r in runs.items():
+        values = np.asarray(r["layers"], dtype=float)
+        t = np.arange(len(values)) / max(1, len(values))
+        ax.plot(t, values, ms=3, label=f"{label} (step {r['step']})", **styles[label])
+        ax2.plot(r["steps"], r["scalar"], ms=3, **styles[label])
+    ax.set_xlabel("layer n / N")
+    ax.set_ylabel(wrap(schema.per_layer_label, 3.6, 9), fontsize=9)
+    ax2.set_xlabel("training step")
+    ax2.set_ylabel(wrap(schema.scalar_label, 3.6, 9), fontsize=9)
+    for a, field in ((ax, schema.per_layer), (ax2, schema.scalar)):
+        data = np.concatenate([np.asarray(line.get_ydata(), dtype=float) for line in a.lines])
+        if schema.log and data.size and np.all(data[np.isfinite(data)] > 0):
+            a.set_yscale("log")
+        a.set_title(field, fontsize=9)
+        a.grid(True, alpha=0.3)
+    _fig_legend(fig, [ax])
+    return _save(fig, path)
 
 
 def _num(value) -> float:
