@@ -193,7 +193,9 @@ def _texts(fig):
 
 def _handle_key(handle) -> tuple:
     if isinstance(handle, Line2D):
-        return (to_hex(handle.get_color(), keep_alpha=True), str(handle.get_linestyle()),
+        dashes = getattr(handle, "_unscaled_dash_pattern", None)   # custom dashes differ too
+        return (to_hex(handle.get_color(), keep_alpha=True),
+                f"{handle.get_linestyle()}{dashes if dashes and dashes[1] else ''}",
                 str(handle.get_marker()))
     try:
         face = to_hex(handle.get_facecolor()[0] if hasattr(handle.get_facecolor(), "__len__")
