@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from ..gradmodes import get_grad_mode
 from ..measure import gradient_error
+from .base import RecordSchema
 from .periodic import PeriodicHook
 
 
@@ -18,6 +19,8 @@ class GradErrorHook(PeriodicHook):
     """
 
     name = "grad_error"
+    record = RecordSchema("layer_rel_error", "relative gradient error, adjoint vs backprop",
+                          "stack_rel_error", "gradient error over the residual layers")
 
     def __init__(self, every: int = 0, batch_size: int = 128, **options):
         super().__init__(every, **options)

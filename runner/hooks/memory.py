@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 
 from ..measure import peak_memory, saved_activation_bytes, untouched
+from .base import RecordSchema
 from .periodic import PeriodicHook
 
 
@@ -18,6 +19,8 @@ class MemoryHook(PeriodicHook):
     """
 
     name = "memory"
+    record = RecordSchema("layer_saved_bytes", "bytes saved for backward per layer",
+                          "peak_bytes", "peak memory of a step (bytes)", log=False)
 
     def __init__(self, every: int = 0, batch_size: int | None = None, **options):
         super().__init__(every, **options)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from ..measure import reconstruction_error
+from .base import RecordSchema
 from .periodic import PeriodicHook
 
 
@@ -11,6 +12,8 @@ class ReconHook(PeriodicHook):
     does), ``round_trip`` (||x̃_0 - x_0|| / ||x_0||) and ``max_rel_error``."""
 
     name = "recon"
+    record = RecordSchema("layer_rel_error", "reconstruction error ||x~_n - x_n|| / ||x_n||",
+                          "max_rel_error", "largest reconstruction error")
 
     def __init__(self, every: int = 0, batch_size: int = 128, **options):
         super().__init__(every, **options)

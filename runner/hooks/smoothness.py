@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from ..measure import smoothness
+from .base import RecordSchema
 from .periodic import PeriodicHook
 
 
@@ -11,6 +12,8 @@ class SmoothnessHook(PeriodicHook):
     ||θ_{n+1} - θ_n||. Reads the weights only."""
 
     name = "smoothness"
+    record = RecordSchema("increments", "weight increment ||θ_{n+1} - θ_n||",
+                          "smoothness", "N · max increment / max norm", log=False)
 
     def measure(self, run) -> dict:
         return smoothness(run.model)

@@ -177,10 +177,14 @@ def report_section(jobs: list[Job], out: Path, figures: list[str]) -> str:
 
 
 def _test_error_section(jobs: list[Job], out: Path, figures: list[str]) -> str:
+    """Test error vs depth per (method, grad, other axes), with the spread over seeds,
+    and the hooks' records when any were on."""
+    from ..hooks.report import report_section as hooks_section
+    hooks = hooks_section(jobs, out, figures)   # the hooks' records, when any were on
     done = [j for j in jobs if j.status == "completed" and depth_of(j) is not None
             and "test_acc" in j.summary and "acc_before" not in j.summary]
     if not done:
-        return ""
+        return hooks
     extra = factors(done)
     groups = defaultdict(list)
     for j in done:
@@ -211,7 +215,8 @@ def _test_error_section(jobs: list[Job], out: Path, figures: list[str]) -> str:
         table(["series", "depth", "seeds", "error %", "min–max %", "selected %", "seconds",
                "peak"], rows), "",
         f"Peak memory: {', '.join(sorted(kind)) or 'not recorded'}.", "",
-        "![test error vs depth](test_error.png)", *rows_trials])
+        "![test error vs depth](test_error.png)", *rows_trials,
+        *(["", hooks] if hooks else [])])
 
 
 def pareto_optimal(points: list[tuple[float, float]]) -> list[bool]:

@@ -1,0 +1,177 @@
+"""Every `rode ...` command in the README and docs/*.md composes and validates (no run).
+
+The commands are those of code blocks (fenced or indented), one per line (a trailing
+backslash continues it; a `# comment` ends it). Each goes through what `rode` does before
+a run: the task word, positional words, renamed keys, and `validate_overrides` (every job
+of a sweep composed and checked, the task's own checks, the output dir). Placeholders
+like `<dir>` stand for an existing directory. An HTML comment before a code block says
+how to take its commands:
+
+    <!-- docs-check: refused -->   each command must be refused (exit 2, one line)
+    <!-- docs-check: skip -->      not checked (needs a file or a machine we do not have)
+"""
+import contextlib
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+MARKER = re.compile(r"<!--\s*docs-check:\s*(refused|skip)\s*-->")
+FENCE = re.compile(r"^\s*(```|~~~)")
+
+
+def code_blocks(text: str):
+    """(first line number, lines, marker) for each fenced or indented code block."""
+    lines = text.splitlines()
+    k, marker = 0, None
+    while k < len(lines):
+        line = lines[k]
+        found = MARKER.search(line)
+        if found:
+            marker = found.group(1)
+        if FENCE.match(line):
+            end = next((j for j in range(k + 1, len(lines)) if FENCE.match(lines[j])), len(lines))
+            yield k + 2, lines[k + 1:end], marker
+            marker, k = None, end + 1
+            continue
+        if line.startswith("    ") and line.strip() and (k == 0 or not lines[k - 1].strip()):
+            end = k
+            while end < len(lines) and (lines[end].startswith("    ") or not lines[end].strip()):
+                end += 1
+            yield k + 1, [x[4:] for x in lines[k:end]], marker
+            marker, k = None, end
+            continue
+        if line.strip() and not found:
+            marker = None if not line.lstrip().startswith("<!--") else marker
+        k += 1
+
+
+def rode_commands(text: str):
+    """(line number, command words after `rode`, marker) for each rode command of the text."""
+    for first, block, marker in code_blocks(text):
+        joined, start = "", None
+        for offset, line in enumerate(block):
+            start = first + offset if not joined else start
+            code = line.split(" #")[0].rstrip() if not line.lstrip().startswith("#") else ""
+            if code.endswith("\\"):
+                joined += code[:-1] + " "
+                continue
+            joined += code
+            for part in re.split(r"\s*(?:;|&&|\|\|)\s*", joined):
+                words = part.strip().lstrip("$ ").split()
+                while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", words[0]):
+                    words = words[1:]   # VAR=value rode ...
+                if words and words[0] == "rode" and not (len(words) > 1
+                                                         and words[1].endswith(":")):
+                    yield start, " ".join(words[1:]), marker
+            joined = ""
+
+
+def collect():
+    found = []
+    for path in DOCS:
+        for line, command, marker in rode_commands(path.read_text()):
+            found.append(pytest.param(command, marker,
+                                      id=f"{path.relative_to(ROOT)}:{line}: rode {command}"[:150]))
+    return found
+
+
+COMMANDS = collect()
+
+
+def check(command: str, tmp_path: Path, elsewhere_ok: bool = True) -> str | None:
+    """None when `rode <command>` composes and validates; else the one-line error it gives.
+    elsewhere_ok: a command refused only for what this machine lacks passes when its keys
+    and values pass the schema and rules."""
+    from runner import rundir
+    from runner.cli import _MULTIRUN, bind_positional, renamed_keys, split_argv, validate_overrides
+    from runner.errors import ConfigError
+    from runner.schema import TASK_SCHEMAS
+    from runner.tasks import TASKS
+
+    command = re.sub(r"[^\s=]*<[^<>\s]+>[^\s]*", str(tmp_path), command)   # <dir>, <run>
+    command = re.sub(r"\$\{?\w+\}?", "0", command)            # $s in a shell loop
+    command = " ".join(w for w in command.split(" ") if w != "...")   # "and so on"
+    try:
+        argv = shlex.split(command)
+    except ValueError as e:
+        return f"not a shell command line: {e}"
+    task, flags, overrides = split_argv(argv)
+    if task is None:
+        return None if flags else "no task"   # rode --help, rode --version
+    if task not in TASKS:
+        return f"unknown task {task!r}"
+    if not all(f in _MULTIRUN for f in flags):
+        return None   # --help, --cfg job: Hydra answers, nothing to validate
+    multirun = any(f in _MULTIRUN for f in flags)
+    try:
+        overrides = bind_positional(TASKS[task].positional, overrides)
+        overrides = renamed_keys(task, overrides)
+        if "resume" in TASK_SCHEMAS[task].fields:
+            overrides = rundir.prepare_resume(overrides, multirun)
+        validate_overrides(task, overrides, multirun)
+    except ConfigError as e:
+        if not (elsewhere_ok and ELSEWHERE.search(str(e))):
+            return str(e)
+        # Right here, but it needs what this machine lacks (data, a checkpoint, a GPU): the
+        # keys and values must still pass the schema and rules (the task's own checks off).
+        with _without_task_checks(task):
+            try:
+                validate_overrides(task, overrides, multirun)
+            except ConfigError as again:
+                return str(again)
+    return None
+
+
+# What a command needs from the machine it runs on, not from its command line.
+ELSEWHERE = re.compile(r"not found \(missing|does not exist \(give a run dir|"
+                       r"no CUDA device is available|needs its package")
+
+
+@contextlib.contextmanager
+def _without_task_checks(task: str):
+    import types
+
+    from runner import cli
+
+    real = cli.load_task
+    cli.load_task = lambda name: types.SimpleNamespace() if name == task else real(name)
+    try:
+        yield
+    finally:
+        cli.load_task = real
+
+
+@pytest.mark.parametrize(("command", "marker"), COMMANDS)
+def test_docs_command_validates(command, marker, tmp_path, monkeypatch):
+    from runner import cli
+
+    if marker == "skip":
+        pytest.skip("docs-check: skip")
+    monkeypatch.setattr(cli, "_MAX_COMBINATIONS", 1)   # a sweep: each value once, not all jobs
+    monkeypatch.chdir(tmp_path)   # default output dirs land here, and nothing is written
+    error = check(command, tmp_path, elsewhere_ok=marker != "refused")
+    if marker == "refused":
+        assert error, f"rode {command} should be refused"
+    else:
+        assert error is None, f"rode {command}: {error}"
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_the_docs_hold_commands():
+    assert len(COMMANDS) > 50
+
+
+def test_a_key_that_does_not_exist_fails(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    doc = "Run it:\n\n```bash\nrode train dept=3 \\\n    method=heun   # deep\n```\n"
+    (command,) = [c for _, c, _ in rode_commands(doc)]
+    assert command == "train dept=3 method=heun"
+    error = check(command, tmp_path)
+    assert error and "dept" in error
+    assert check("train depth=3 method=heun", tmp_path) is None
+    marked = "<!-- docs-check: refused -->\n\n    rode train depth=0\n"
+    assert [m for _, _, m in rode_commands(marked)] == ["refused"]
