@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 from .errors import ConfigError
-from .schema import IMAGE_MODELS, MAX_DEPTH, METHODS, check_config, to_list
+from .schema import IMAGE_MODELS, MAX_DEPTH, METHOD_MULTIPLES, METHODS, check_config, to_list
 
 
 def as_list(cfg, key: str) -> list:
@@ -29,11 +29,19 @@ def show_progress(cfg) -> bool:
 
 
 # ------------------------------------------------------------ cross-field rules
-def check_depths(depths, methods, key: str) -> None:
-    """The one rule of depth: each scheme needs at least its fewest residual functions."""
+def check_depths(depths, methods, key: str, per_layer: int = 1) -> None:
+    """The one rule of depth: each scheme needs at least its fewest residual functions
+    (and coupled an even number of them). ``per_layer``: functions per unit of depth
+    (2 for a sequential transformer block)."""
     methods = list(methods)
     low = max(METHODS[m] for m in methods)
     for d in to_list(depths):
+        for m in methods:
+            multiple = METHOD_MULTIPLES.get(m, 1)
+            if (d * per_layer) % multiple:
+                raise ConfigError(f"{key}={d} does not fit method={m}: it couples residual "
+                                  f"functions in pairs, so {key} must be a multiple of "
+                                  f"{multiple}")
         if d < low:
             which = methods[0] if len(methods) == 1 else ", ".join(methods)
             raise ConfigError(f"{key}={d} is too small for method={which}: it needs "
@@ -83,10 +91,41 @@ def env_world_size() -> int:
     return int(os.environ["SLURM_NTASKS"])
 
 
+def functions_per_layer(cfg) -> int:
+    """Residual functions per unit of ``depth``: 2 for a sequential transformer block."""
+    model = cfg.get("model") or {}
+    return 2 if model.get("name") == "transformer" and model.get("block") == "sequential" else 1
+
+
+def check_sequence_data(cfg) -> None:
+    """Token data (dataset=text) needs model=transformer; val_bpc needs dataset=text;
+    the transformer's heads must divide the width and its patch the inputs."""
+    model, data = cfg.get("model") or {}, cfg.get("dataset") or {}
+    if data.get("name") == "text" and model.get("name") != "transformer":
+        raise ConfigError(f"dataset=text needs model=transformer (model={model.get('name')} "
+                          f"takes real-valued inputs)")
+    if str(cfg.get("monitor")) == "val_bpc" and data.get("name") != "text":
+        raise ConfigError(f"monitor=val_bpc needs dataset=text; dataset={data.get('name')} "
+                          f"reports val_acc and val_loss")
+    if model.get("name") == "transformer":
+        width, heads = int(cfg.width), int(model.heads)
+        if width % heads:
+            raise ConfigError(f"model.heads={heads} must divide width={width}")
+        if data.get("name") != "text":
+            shape = list(data.get("shape", [1, 8, 8]))
+            sizes = shape[1:] if len(shape) == 3 else shape
+            if data.get("name") not in ("digits", "synthetic"):
+                sizes = []   # files on disk: checked when the model is built
+            if any(int(s) % int(model.patch) for s in sizes):
+                raise ConfigError(f"model.patch={model.patch} must divide the input size "
+                                  f"{'x'.join(str(s) for s in sizes)}")
+
+
 def _stack_model(cfg) -> None:
-    check_depths(cfg.depth, [cfg.method], "depth")
+    check_depths(cfg.depth, [cfg.method], "depth", functions_per_layer(cfg))
     check_image_data(cfg)
     check_dataset(cfg)
+    check_sequence_data(cfg)
 
 
 # logger -> the module its package provides (checked without importing it)

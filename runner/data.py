@@ -8,6 +8,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from .databundle import DataBundle
+from .text import text
 from .vision import VISION_DATASETS
 
 
@@ -48,7 +49,7 @@ def synthetic(cfg) -> DataBundle:
 
 
 DATASETS: dict[str, Callable[..., DataBundle]] = {"digits": digits, "synthetic": synthetic,
-                                                  **VISION_DATASETS}
+                                                  **VISION_DATASETS, "text": text}
 
 
 def build_dataset(cfg) -> DataBundle:

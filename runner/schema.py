@@ -25,12 +25,14 @@ MAX_SEED = 2**32 - 1          # numpy's seeds are 32-bit
 MAX_WIDTH = 65_536
 
 # Registry names (a test checks each against its registry).
-METHODS = {"euler": 1, "heun": 2, "rev_heun": 2, "momentum": 1}   # name -> fewest functions
+METHODS = {"euler": 1, "heun": 2, "rev_heun": 2, "momentum": 1, "coupled": 2}   # fewest functions
+METHOD_MULTIPLES = {"coupled": 2}   # name -> the number of functions must be a multiple of this
 GRADS = ("backprop", "adjoint")
 INITS = ("smooth", "iid", "zero", "tied")
-MODELS = ("mlp", "conv", "resnet")
+MODELS = ("mlp", "conv", "resnet", "transformer")
 IMAGE_MODELS = ("conv", "resnet")
-DATASETS = ("digits", "synthetic", "mnist", "fashion_mnist", "cifar10", "cifar100", "imagenet")
+DATASETS = ("digits", "synthetic", "mnist", "fashion_mnist", "cifar10", "cifar100", "imagenet",
+            "text")
 HOOKS = ("grad_error", "memory", "recon", "smoothness")
 CONTENDERS = ("plain", "backprop", "adjoint", "adjoint_shared", "checkpoint", "torchdiffeq", "memcnn")
 ACTIVATIONS = ("relu", "tanh", "gelu")
@@ -40,7 +42,7 @@ DEVICES = ("cpu", "cuda", "auto")
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "step", "cosine")
 VJPS = ("exact", "shared")
-MONITORS = ("val_acc", "val_loss", "train_loss")        # runner.selection.MONITORS
+MONITORS = ("val_acc", "val_loss", "train_loss", "val_bpc")        # runner.selection.MONITORS
 LOGGERS = ("tensorboard", "wandb", "mlflow")           # runner.tracking.BACKENDS
 
 
@@ -363,11 +365,21 @@ DATASET = Variants(options={
     "cifar100": Group(fields={"name": Text(), **_IMAGE_FILES, "augment": Bool()}),
     "imagenet": Group(fields={"name": Text(), **_IMAGE_FILES, "augment": Bool(),
                               "image_size": Int(8, 4096), "resize": Int(8, 8192)}),
+    "text": Group(fields={
+        "name": Text(), "path": Text(null=True, why=" (a text file; null: a slice of the "
+                                                    "standard library's source)"),
+        "max_chars": Int(64, null=True, why=" (characters read from the start; null: all)"),
+        "context": Int(2, 65_536), "test_fraction": FRACTION, "val_fraction": VAL_FRACTION,
+        "split_seed": SEED}),
 })
 MODEL = Variants(options={
     "mlp": Group(fields={"name": Text(), "hidden": Int(1, MAX_WIDTH, null=True),
                          "activation": Choice(choices=ACTIVATIONS)}),
     "conv": Group(fields={"name": Text()}),
+    "transformer": Group(fields={
+        "name": Text(), "block": Choice(choices=("parallel", "sequential")),
+        "heads": Int(1, 4096), "mlp_ratio": Float(0, 64, open_low=True),
+        "dropout": Float(0, 1, open_high=True), "patch": Int(1, 1024)}),
     "resnet": Group(fields={
         "name": Text(), "arch": Choice(choices=ARCHS), "stem": Choice(choices=STEMS),
         "depths": ListOf(item=Int(1, MAX_DEPTH), length=4, single=False, null=True,
@@ -406,7 +418,7 @@ TRAINING = {
 
 # Model selection, experiment tracking, determinism: train and finetune.
 METRIC_NAMES = ("val_acc", "val_loss", "train_loss", "test_acc", "test_loss", "peak_memory_bytes",
-                "seconds")
+                "seconds", "val_bpc", "test_bpc")
 TRACKING = {
     "monitor": Choice(choices=MONITORS, required=False),
     "early_stopping": Group(fields={"patience": Int(1, null=True, why=" (null: off)")},
