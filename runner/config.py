@@ -101,6 +101,10 @@ def check_sequence_data(cfg) -> None:
     """Token data (dataset=text) needs model=transformer; val_bpc needs dataset=text;
     the transformer's heads must divide the width and its patch the inputs."""
     model, data = cfg.get("model") or {}, cfg.get("dataset") or {}
+    path = data.get("path") if data.get("name") == "text" else None
+    if path is not None and not Path(str(path)).is_file():
+        raise ConfigError(f"dataset.path={path} is not a readable file (null: the standard "
+                          f"library's argparse.py)")
     if data.get("name") == "text" and model.get("name") != "transformer":
         raise ConfigError(f"dataset=text needs model=transformer (model={model.get('name')} "
                           f"takes real-valued inputs)")
@@ -154,8 +158,9 @@ def _train(cfg) -> None:
 
 
 def _memory(cfg) -> None:
-    check_depths(cfg.depths, [cfg.method], "depths")
+    check_depths(cfg.depths, [cfg.method], "depths", functions_per_layer(cfg))
     check_image_data(cfg)
+    check_sequence_data(cfg)
     check_dataset(cfg)
 
 
