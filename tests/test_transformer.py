@@ -88,10 +88,10 @@ def test_euler_heun_adjoint_error_falls_with_depth_on_tied_weights(method):
     as the depth grows (O(1/N) for Euler)."""
     x, y = batch()
     errors = []
-    for depth in (4, 32):
+    for depth in (4, 16):
         model = lm(depth, method, init="tied", dropout=0.0)
         errors.append(rel(grads(model, x, y, "adjoint"), grads(model, x, y, "backprop")))
-    assert 0 < errors[1] < errors[0] / 3, errors
+    assert 0 < errors[1] < errors[0] / 2, errors
 
 
 def test_coupled_reverses_exactly_on_attention_blocks():
@@ -152,11 +152,12 @@ def test_text_split_is_seeded_and_disjoint(tmp_path):
     assert small.num_classes == 3 and len(small.train) + len(small.val) + len(small.test) == 25
 
 
+@pytest.mark.slow
 def test_char_lm_trains_from_the_command_line(rode_cli, tmp_path):
     """`rode train model=transformer dataset=text ... monitor=val_bpc`: the epoch lines
     and the summary carry bits per character (the loss / ln 2), chosen by val_bpc."""
     run = tmp_path / "run"
-    r = rode_cli("train", "model=transformer", "dataset=text", "dataset.max_chars=3000",
+    r = rode_cli("train", "model=transformer", "dataset=text", "dataset.max_chars=1500",
                  "dataset.context=16", "depth=2", "width=16", "epochs=2", "method=coupled",
                  "grad=adjoint", "monitor=val_bpc", "model.dropout=0.1", "device=cpu",
                  f"hydra.run.dir={run}")
