@@ -188,3 +188,17 @@ def test_bad_values_are_one_line(rode_cli, tmp_path, overrides, words):
     assert r.code == 2 and len(r.err.strip().splitlines()) == 1, r.err
     assert all(w in r.err for w in words), r.err
     assert not run.exists()
+
+
+def test_smoothness_compares_functions_of_one_kind_in_a_sequential_block():
+    """Attention and MLP alternate in a sequential stack: each is compared with the
+    previous one of its kind (tied weights: 0; smooth: O(1))."""
+    from runner.measure import smoothness
+
+    def model(init):
+        return build_transformer((8,), 5, depth=4, width=8, init=init, method="euler",
+                                 grad="backprop", block="sequential", heads=2, sequence=True)
+
+    assert smoothness(model("tied"))["smoothness"] == 0
+    smooth = smoothness(model("smooth"))
+    assert len(smooth["increments"]) == 6 and 0 < smooth["smoothness"] < 4
