@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 from .errors import ConfigError
-from .names import IMAGE_MODELS, LOGGERS, METHODS
+from .names import IMAGE_MODELS, LOGGERS, METHOD_MULTIPLES, METHODS
 from .schema import MAX_DEPTH, check_config, to_list
 
 # Renamed keys: old dotted key -> new. The old spelling works on the command line with a
@@ -62,11 +62,19 @@ def show_progress(cfg) -> bool:
 
 
 # ------------------------------------------------------------ cross-field rules
-def check_depths(depths, methods, key: str) -> None:
-    """The one rule of depth: each scheme needs at least its fewest residual functions."""
+def check_depths(depths, methods, key: str, per_layer: int = 1) -> None:
+    """The one rule of depth: each scheme needs at least its fewest residual functions
+    (and coupled an even number of them). ``per_layer``: functions per unit of depth
+    (2 for a sequential transformer block)."""
     methods = list(methods)
     low = max(METHODS[m] for m in methods)
     for d in to_list(depths):
+        for m in methods:
+            multiple = METHOD_MULTIPLES.get(m, 1)
+            if (d * per_layer) % multiple:
+                raise ConfigError(f"{key}={d} does not fit method={m}: it couples residual "
+                                  f"functions in pairs, so {key} must be a multiple of "
+                                  f"{multiple}")
         if d < low:
             which = methods[0] if len(methods) == 1 else ", ".join(methods)
             raise ConfigError(f"{key}={d} is too small for method={which}: it needs "
@@ -122,10 +130,45 @@ def env_world_size() -> int:
     return int(os.environ["SLURM_NTASKS"])
 
 
+def functions_per_layer(cfg) -> int:
+    """Residual functions per unit of ``depth``: 2 for a sequential transformer block."""
+    model = cfg.get("model") or {}
+    return 2 if model.get("name") == "transformer" and model.get("block") == "sequential" else 1
+
+
+def check_sequence_data(cfg) -> None:
+    """Token data (dataset=text) needs model=transformer; val_bpc needs dataset=text;
+    the transformer's heads must divide the width and its patch the inputs."""
+    model, data = cfg.get("model") or {}, cfg.get("dataset") or {}
+    path = data.get("path") if data.get("name") == "text" else None
+    if path is not None and not Path(str(path)).is_file():
+        raise ConfigError(f"dataset.path={path} is not a readable file (null: the standard "
+                          f"library's argparse.py)")
+    if data.get("name") == "text" and model.get("name") != "transformer":
+        raise ConfigError(f"dataset=text needs model=transformer (model={model.get('name')} "
+                          f"takes real-valued inputs)")
+    if str(cfg.get("monitor")) == "val_bpc" and data.get("name") != "text":
+        raise ConfigError(f"monitor=val_bpc needs dataset=text; dataset={data.get('name')} "
+                          f"reports val_acc and val_loss")
+    if model.get("name") == "transformer":
+        width, heads = int(cfg.width), int(model.heads)
+        if width % heads:
+            raise ConfigError(f"model.heads={heads} must divide width={width}")
+        if data.get("name") != "text":
+            shape = list(data.get("shape", [1, 8, 8]))
+            sizes = shape[1:] if len(shape) == 3 else shape
+            if data.get("name") not in ("digits", "synthetic"):
+                sizes = []   # files on disk: checked when the model is built
+            if any(int(s) % int(model.patch) for s in sizes):
+                raise ConfigError(f"model.patch={model.patch} must divide the input size "
+                                  f"{'x'.join(str(s) for s in sizes)}")
+
+
 def _stack_model(cfg) -> None:
-    check_depths(cfg.depth, [cfg.method], "depth")
+    check_depths(cfg.depth, [cfg.method], "depth", functions_per_layer(cfg))
     check_image_data(cfg)
     check_dataset_values(cfg)
+    check_sequence_data(cfg)
 
 
 def check_tracking(cfg) -> None:
@@ -150,9 +193,10 @@ def _train(cfg) -> None:
 
 
 def _memory(cfg) -> None:
-    check_depths(cfg.depths, [cfg.method], "depths")
+    check_depths(cfg.depths, [cfg.method], "depths", functions_per_layer(cfg))
     check_image_data(cfg)
     check_dataset_values(cfg)
+    check_sequence_data(cfg)
 
 
 def _bench(cfg) -> None:

@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from . import names
 from .databundle import DataBundle
+from .text import text
 from .vision import VISION_DATASETS
 
 
@@ -49,7 +50,7 @@ def synthetic(cfg) -> DataBundle:
 
 
 DATASETS: dict[str, Callable[..., DataBundle]] = {"digits": digits, "synthetic": synthetic,
-                                                  **VISION_DATASETS}
+                                                  **VISION_DATASETS, "text": text}
 names.agree(DATASETS, names.DATASETS, "DATASETS")
 
 

@@ -13,3 +13,4 @@ class DataBundle:
     input_shape: tuple[int, ...]
     num_classes: int
     val: Dataset | None = None   # held out from the training set (dataset.val_fraction)
+    sequence: bool = False       # a target per position (dataset=text): y has x's shape

@@ -58,7 +58,7 @@ def evaluate(model, loader, device, dist: distributed.Dist | None = None) -> tup
         logits = model(x)
         total_loss += F.cross_entropy(logits, y, reduction="sum").item()
         correct += (logits.argmax(1) == y).sum().item()
-        count += len(y)
+        count += y.numel()   # per position for a language model
     if dist is not None:
         total_loss, correct, count = dist.sum([total_loss, correct, count], device)
     return total_loss / count, correct / count
@@ -282,6 +282,10 @@ def _train(cfg, hooks, model, data, resume, dist, device, stop) -> dict:
         if val_loader is not None:
             with autocast():
                 record["val_loss"], record["val_acc"] = evaluate(model, val_loader, device, dist)
+        if data.sequence:   # a language model: the loss per character, in bits
+            record["test_bpc"] = record["test_loss"] / math.log(2)
+            if "val_loss" in record:
+                record["val_bpc"] = record["val_loss"] / math.log(2)
         if sel.update(record) and dist.is_main:
             selection.save_best(model, plain(cfg), data, record, out_dir / selection.BEST)
         roundtrip = roundtrip_error(model)   # the adjoint's self-check, at the last step
@@ -324,6 +328,8 @@ def _train(cfg, hooks, model, data, resume, dist, device, stop) -> dict:
                "epochs": cfg.epochs, "peak_memory_bytes": peak, "peak_memory_kind": peak_kind,
                **memory, "device": str(device), "world_size": dist.world_size,
                "config": plain(cfg)}
+    if "test_bpc" in record:
+        summary["test_bpc"] = record["test_bpc"]
     summary.update(sel.summary(), epochs_run=progress.epoch - 1, best_metrics=sel.best_record,
                    provenance=provenance.provenance(device))
     if dist.enabled:   # DDP keeps the replicas equal; say so, measured

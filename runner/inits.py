@@ -46,8 +46,12 @@ def init_zero(make: Callable[[], nn.Module], depth: int) -> list[nn.Module]:
     blocks = init_iid(make, depth)
     with torch.no_grad():
         for block in blocks:
-            for p in _last_layer(block).parameters(recurse=False):
-                p.zero_()
+            # A function that sums branches (a parallel transformer block) names each
+            # branch's last layer; otherwise the last layer with parameters.
+            last = getattr(block, "last_layers", None)
+            for layer in (last() if last is not None else [_last_layer(block)]):
+                for p in layer.parameters(recurse=False):
+                    p.zero_()
     return blocks
 
 

@@ -27,6 +27,7 @@ class Integrator:
     name = ""
     order = 0           # global order of accuracy on problems smooth in depth
     min_functions = 1   # fewest residual functions the scheme can use
+    function_multiple = 1   # the number of functions must be a multiple of this
     exact_reverse = False   # reverse(step(x)) == x in exact arithmetic (up to rounding)
 
     def num_steps(self, num_functions: int) -> int:
@@ -336,8 +337,70 @@ class Momentum(Integrator):
         return torch.stack([x.detach(), v]), torch.stack([g[0] + out[0], gamma * a])
 
 
+class Coupled(Integrator):
+    """The additive two-stream coupling of RevNet (Gomez et al. 2017) and RevViT
+    (Mangalam et al. 2022). The state is two streams (x₁, x₂), both x at the start;
+    the output is their mean. A coupling takes two consecutive functions F = f_{2k},
+    G = f_{2k+1} and the step H = 2h::
+
+        y₁ = x₁ + H F(x₂)
+        y₂ = x₂ + H G(y₁)
+
+    In the registry each half is one step (one function, N functions, N steps, N even):
+    step n updates stream n mod 2 from the other, so function n still sits at
+    t = n h. Each stream moves by 2h every two steps: both approximate x(t), to first
+    order (a staggered, symplectic-Euler-like scheme). The inverse is algebraic with
+    the same evaluation (x₁ = y₁ - H F(x₂), where x₂ is unchanged by the step), so the
+    adjoint rebuilds every state exactly, up to rounding, whatever the weights.
+    """
+
+    name = "coupled"
+    order = 1
+    min_functions = 2
+    function_multiple = 2
+    exact_reverse = True
+
+    def functions_of_step(self, n):
+        return (n,)
+
+    def init_state(self, x):
+        return torch.stack([x, x])
+
+    def output(self, state):
+        return 0.5 * (state[0] + state[1])
+
+    def step(self, call, n, s, h):
+        i = n % 2                   # the stream this step updates, from the other one
+        moved = s[i] + (2 * h) * call(n, s[1 - i])
+        return torch.stack([moved, s[1]] if i == 0 else [s[0], moved])
+
+    def reverse(self, call, n, s, h):
+        i = n % 2
+        back = s[i] - (2 * h) * call(n, s[1 - i])
+        return torch.stack([back, s[1]] if i == 0 else [s[0], back])
+
+    shared_vjp_supported = True
+
+    def shared_vjp(self, call, n, s, g, h, grads):
+        """The other stream is the evaluation point both of the rebuild and of the
+        step: one evaluation gives the exact vjp."""
+        i = n % 2
+        other = s[1 - i].detach().requires_grad_(True)
+        with torch.enable_grad():
+            k = call(n, other)
+        params = grads.of_function(n)
+        out = vjp(k, [other, *params], (2 * h) * g[i])
+        grads.add(params, out[1:])
+        back = s[i] - (2 * h) * k.detach()
+        g_other = g[1 - i] + out[0]
+        if i == 0:
+            return torch.stack([back, s[1]]), torch.stack([g[0], g_other])
+        return torch.stack([s[0], back]), torch.stack([g_other, g[1]])
+
+
 INTEGRATORS: dict[str, type[Integrator]] = {"euler": Euler, "heun": Heun,
-                                            "rev_heun": ReversibleHeun, "momentum": Momentum}
+                                            "rev_heun": ReversibleHeun, "momentum": Momentum,
+                                            "coupled": Coupled}
 names.agree(INTEGRATORS, names.METHODS, "INTEGRATORS")
 names.agree({n: c.min_functions for n, c in INTEGRATORS.items()}.items(), names.METHODS.items(),
             "INTEGRATORS' fewest functions (names.METHODS' values)")

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
-import itertools
 import resource
 from collections import defaultdict
 from typing import Callable, Iterable, Iterator
@@ -469,13 +468,17 @@ def smoothness(model: nn.Module) -> dict:
         thetas = [_flat([p.detach() for p in fn.parameters()] or [torch.zeros(1)])
                   for fn in stack.functions]
         norms = [t.norm().item() for t in thetas]
-        incs = [(b - a).norm().item() for a, b in itertools.pairwise(thetas)]
+        # Functions of different kinds alternate (a sequential transformer: attention,
+        # MLP, ...): each is compared with the last one of its kind, p functions back.
+        p = next(k for k in range(1, len(thetas) + 1)
+                 if all(a.shape == b.shape for a, b in zip(thetas, thetas[k:], strict=False)))
+        incs = [(b - a).norm().item() for a, b in zip(thetas, thetas[p:], strict=False)]
         increments += incs
         top = max(norms)
         max_norm = max(max_norm, top)
         if incs:
             max_inc = max(max_inc, max(incs))
             if top > 0:
-                value = max(value, stack.depth * max(incs) / top)
+                value = max(value, (stack.depth // p) * max(incs) / top)
     return {"smoothness": value, "max_increment": max_inc, "max_norm": max_norm,
             "increments": increments}

@@ -12,6 +12,7 @@ from .inits import INITS
 from .integrators import get_integrator
 from .resnet import build_resnet
 from .stack import ResidualStack, set_alpha
+from .transformer import build_transformer
 
 # ------------------------------------------------------------ residual functions
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
@@ -75,7 +76,8 @@ def build_conv(input_shape: Sequence[int], num_classes: int, *, depth: int, widt
 
 
 MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": build_mlp, "conv": build_conv,
-                                               "resnet": build_resnet}
+                                               "resnet": build_resnet,
+                                               "transformer": build_transformer}
 names.agree(MODELS, names.MODELS, "MODELS")
 
 
@@ -101,6 +103,11 @@ def model_options(cfg) -> dict:
     if m.name == "mlp":
         return {"depth": int(cfg.depth), "hidden": m.get("hidden"),
                 "activation": m.get("activation", "relu")}
+    if m.name == "transformer":
+        return {"depth": int(cfg.depth), "block": m.get("block", "parallel"),
+                "heads": int(m.get("heads", 4)), "mlp_ratio": float(m.get("mlp_ratio", 2.0)),
+                "dropout": float(m.get("dropout", 0.0)), "patch": int(m.get("patch", 2)),
+                "sequence": (cfg.get("dataset") or {}).get("name") == "text"}
     return {"depth": int(cfg.depth)}
 
 

@@ -33,6 +33,7 @@ GRADS, HOOKS, IMAGE_MODELS, INITS, METHODS = (names.GRADS, names.HOOKS, names.IM
 MODELS, MONITORS, OPTIMIZERS, SCHEDULES, STEMS, VJPS = (names.MODELS, names.MONITORS, names.OPTIMIZERS,
                                                         names.SCHEDULES, names.STEMS, names.VJPS)
 PARAMETRIZATIONS = names.PARAMETRIZATIONS
+METHOD_MULTIPLES = names.METHOD_MULTIPLES
 
 
 # ------------------------------------------------------------------ specs
@@ -389,11 +390,21 @@ DATASET = Variants(options={
     "cifar100": Group(fields={"name": Text(), **_IMAGE_FILES, "augment": Bool()}),
     "imagenet": Group(fields={"name": Text(), **_IMAGE_FILES, "augment": Bool(),
                               "image_size": Int(8, 4096), "resize": Int(8, 8192)}),
+    "text": Group(fields={
+        "name": Text(), "path": Text(null=True, why=" (a text file; null: a slice of the "
+                                                    "standard library's source)"),
+        "max_chars": Int(64, null=True, why=" (characters read from the start; null: all)"),
+        "context": Int(2, 65_536), "test_fraction": FRACTION, "val_fraction": VAL_FRACTION,
+        "split_seed": SEED}),
 })
 MODEL = Variants(options={
     "mlp": Group(fields={"name": Text(), "hidden": Int(1, MAX_WIDTH, null=True),
                          "activation": Choice(choices=ACTIVATIONS)}),
     "conv": Group(fields={"name": Text()}),
+    "transformer": Group(fields={
+        "name": Text(), "block": Choice(choices=("parallel", "sequential")),
+        "heads": Int(1, 4096), "mlp_ratio": Float(0, 64, open_low=True),
+        "dropout": Float(0, 1, open_high=True), "patch": Int(1, 1024)}),
     "resnet": Group(fields={
         "name": Text(), "arch": Choice(choices=ARCHS), "stem": Choice(choices=STEMS),
         "blocks": ListOf(item=Int(1, MAX_DEPTH), length=4, single=False, null=True,
@@ -453,7 +464,7 @@ TRAINING = {
 
 # Model selection, experiment tracking, determinism: train and finetune.
 METRIC_NAMES = ("val_acc", "val_loss", "train_loss", "test_acc", "test_loss", "peak_memory_bytes",
-                "seconds", "model_memory_bytes", "saved_activation_bytes")
+                "seconds", "model_memory_bytes", "saved_activation_bytes", "val_bpc", "test_bpc")
 TRACKING = {
     "monitor": Choice(choices=MONITORS, required=False),
     "early_stopping": Group(fields={"patience": Int(1, null=True, why=" (null: off)")},

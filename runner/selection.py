@@ -23,7 +23,7 @@ BEST = "best.pt"
 # runs are then compared on the same held-out data.
 VAL_SPLIT_SEED = 0
 # monitor -> True when larger is better
-MONITORS = {"val_acc": True, "val_loss": False, "train_loss": False}   # name -> higher is better
+MONITORS = {"val_acc": True, "val_loss": False, "train_loss": False, "val_bpc": False}
 names.agree(MONITORS, names.MONITORS, "MONITORS")
 
 
@@ -82,6 +82,8 @@ class Selection:
                 "best_value": self.best_value,
                 "selected_test_acc": rec.get("test_acc"), "selected_test_loss": rec.get("test_loss"),
                 "selected_val_acc": rec.get("val_acc"), "selected_val_loss": rec.get("val_loss"),
+                **({"selected_val_bpc": rec.get("val_bpc"), "selected_test_bpc": rec.get("test_bpc")}
+                   if "test_bpc" in rec else {}),
                 "stopped_early": self.stopped}
 
 

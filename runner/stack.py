@@ -122,6 +122,12 @@ class ResidualStack(nn.Module):
                 f"method={self.integrator.name} needs at least "
                 f"{self.integrator.min_functions} residual functions, got {len(functions)}"
             )
+        multiple = self.integrator.function_multiple
+        if len(functions) % multiple:
+            raise ValueError(
+                f"method={self.integrator.name} needs a multiple of {multiple} residual "
+                f"functions, got {len(functions)}"
+            )
         # ModuleList keeps repeated modules in place; parameters() still deduplicates.
         self.functions = nn.ModuleList(functions)
         self.alpha = float(alpha)

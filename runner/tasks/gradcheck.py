@@ -146,13 +146,15 @@ def run(cfg) -> dict:
         model.load_state_dict(checkpoint["model"])
     model.to(device=device, dtype=dtype)
     x, y = next(iter(make_loader(data.train, cfg.batch_size, shuffle=False, seed=0)))
-    x, y = x.to(device=device, dtype=dtype), y.to(device)
+    tokens = not x.is_floating_point()   # dataset=text: integer tokens keep their type
+    x, y = (x.to(device) if tokens else x.to(device=device, dtype=dtype)), y.to(device)
     autocast, amp_dtype = autocast_of(device, amp)
     exact = dtype == torch.float64 and not amp
     # The reference: backprop in float64 on the same (possibly rounded) weights and batch.
     reference_model = model if exact else copy.deepcopy(model).to(torch.float64)
     keys = [id(p) for p in model.parameters() if p.requires_grad]
-    reference, _ = probe(reference_model, x.double(), y, get_grad_mode("backprop"), None, keys)
+    reference, _ = probe(reference_model, x if tokens else x.double(), y, get_grad_mode("backprop"),
+                         None, keys)
     del reference_model
 
     options = dict(arch.get("adjoint") or {})

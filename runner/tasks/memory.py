@@ -52,8 +52,12 @@ def measure_step(cfg, depth: int, grad: str, input_shape, num_classes, device) -
     model = build_model(arch, input_shape, num_classes).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(cfg.seed)
-    x = torch.randn(cfg.batch_size, *input_shape, generator=g).to(device)
-    y = torch.randint(0, num_classes, (cfg.batch_size,), generator=g).to(device)
+    if cfg.dataset.name == "text":   # random tokens, a target per position
+        x = torch.randint(0, num_classes, (cfg.batch_size, *input_shape), generator=g).to(device)
+        y = torch.randint(0, num_classes, (cfg.batch_size, *input_shape), generator=g).to(device)
+    else:
+        x = torch.randn(cfg.batch_size, *input_shape, generator=g).to(device)
+        y = torch.randint(0, num_classes, (cfg.batch_size,), generator=g).to(device)
     model.train()
 
     def step():

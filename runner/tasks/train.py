@@ -146,7 +146,13 @@ def run(cfg) -> dict:
         summary = train(cfg)
     if summary.get("world_size", 1) > 1 and int(os.environ.get("RANK", 0)) != 0:
         return summary                     # rank 0 speaks for the group
-    print(f"rode train: test accuracy {100 * summary['test_acc']:.2f}% "
+    bpc = summary.get("test_bpc")
+    lm = "" if bpc is None else (
+        f"test {bpc:.3f} bits/char"
+        + (f" ({summary['selected_test_bpc']:.3f} at epoch {summary['best_epoch']}, the best "
+           f"{summary['monitor']}) " if summary.get("selected_test_bpc") is not None else " ")
+        + "; ")
+    print(f"rode train: {lm}test accuracy {100 * summary['test_acc']:.2f}% "
           f"{_selected(summary)}after {summary.get('epochs_run', summary['epochs'])} epochs, "
           f"{summary['seconds']:.1f} s -> {cfg.out_dir}", flush=True)
     return summary
@@ -305,4 +311,5 @@ def report_result(job: Job) -> str:
         return ""
     sel = s.get("selected_test_acc")
     at = f" (selected {100 * sel:.2f}% at epoch {s.get('best_epoch')})" if sel is not None else ""
-    return f"test acc {100 * s['test_acc']:.2f}%{at}"
+    bpc = f"test {s['test_bpc']:.3f} bits/char, " if s.get("test_bpc") is not None else ""
+    return f"{bpc}test acc {100 * s['test_acc']:.2f}%{at}"
