@@ -190,7 +190,7 @@ def test_empty_dir_is_an_error(tmp_path):
 # ------------------------------------------------- experiment configs and scripts
 CPU_EXPERIMENTS = {"test_error": "train", "grad_error": "gradcheck", "memory": "memory",
                    "discretization": "discretization", "linear": "linear",
-                   "finetune_pretrain": "train"}
+                   "finetune_pretrain": "train", "depth_transfer": "train", "convergence": "train"}
 
 
 @pytest.mark.parametrize("name, task", CPU_EXPERIMENTS.items())
@@ -206,7 +206,7 @@ def test_scripts_parse_and_say_what_they_show():
     import subprocess
 
     for name in ("test_error", "grad_error", "memory", "discretization", "linear", "finetune",
-                 "reproduce_all"):
+                 "reproduce_all", "depth_transfer", "convergence"):
         script = root / f"{name}.sh"
         lines = script.read_text().splitlines()
         assert lines[0] == "#!/usr/bin/env bash" and lines[1].startswith("# "), name
