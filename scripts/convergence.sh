@@ -7,6 +7,6 @@
 #   full:    depths 8..1024, alpha 1/0.5/0, on a GPU
 # Writes <out>/report.md and <out>/convergence.png.
 source "$(dirname "$0")/common.sh"
-variant convergence "$@"
-sweep train +experiment="$EXPERIMENT" "hydra.sweep.dir=$OUT" "${ARGS[@]}"
+variant train_convergence "$@"
+sweep train experiment="$EXPERIMENT" "hydra.sweep.dir=$OUT" "${ARGS[@]}"
 "$RODE" report "$OUT"

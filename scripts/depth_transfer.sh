@@ -10,16 +10,16 @@
 #   e.g. scripts/depth_transfer.sh parametrization=completep   (or model=conv dataset=...)
 # Writes <out>/adam, <out>/sgd (the two sweeps), <out>/report.md and <out>/transfer.png.
 source "$(dirname "$0")/common.sh"
-variant depth_transfer "$@"
+variant train_depth_transfer "$@"
 LAUNCH=()
-if [[ "$EXPERIMENT" == depth_transfer ]]; then LAUNCH=(hydra/launcher=parallel); fi
+if [[ "$EXPERIMENT" == train_depth_transfer ]]; then LAUNCH=(hydra/launcher=parallel); fi
 SGD_LR=1e-2,3e-2,1e-1,3e-1,1,3
-if [[ "$EXPERIMENT" == depth_transfer_full ]]; then SGD_LR=3e-3,1e-2,3e-2,1e-1,3e-1,1,3,10; fi
+if [[ "$EXPERIMENT" == train_depth_transfer_full ]]; then SGD_LR=3e-3,1e-2,3e-2,1e-1,3e-1,1,3,10; fi
 start=$(date +%s)
-sweep train +experiment="$EXPERIMENT" optimizer=adam "hydra.sweep.dir=$OUT/adam" "${LAUNCH[@]}" "${ARGS[@]}"
+sweep train experiment="$EXPERIMENT" optimizer=adam "hydra.sweep.dir=$OUT/adam" "${LAUNCH[@]}" "${ARGS[@]}"
 echo "== adam sweep: $(( $(date +%s) - start )) s"
 start=$(date +%s)
-sweep train +experiment="$EXPERIMENT" optimizer=sgd "lr=$SGD_LR" "hydra.sweep.dir=$OUT/sgd" "${LAUNCH[@]}" "${ARGS[@]}"
+sweep train experiment="$EXPERIMENT" optimizer=sgd "lr=$SGD_LR" "hydra.sweep.dir=$OUT/sgd" "${LAUNCH[@]}" "${ARGS[@]}"
 echo "== sgd sweep: $(( $(date +%s) - start )) s"
 start=$(date +%s)
 "$RODE" report "$OUT"

@@ -122,7 +122,7 @@ def test_resnet_on_cifar_fixture(tmp_path):
     validate_job("finetune", cfg)
     result = finetune.run(cfg)
     assert result["depth_before"] == [1, 1, 1, 1] and result["depth_after"] == [2, 2, 3, 2]
-    assert result["config"]["model"]["depths"] == [2, 2, 3, 2]
+    assert result["config"]["model"]["blocks"] == [2, 2, 3, 2]
     assert 0.0 <= result["acc_after"] <= 1.0 and result["steps"] == 3
 
 

@@ -188,9 +188,9 @@ def test_empty_dir_is_an_error(tmp_path):
 
 
 # ------------------------------------------------- experiment configs and scripts
-CPU_EXPERIMENTS = {"test_error": "train", "grad_error": "gradcheck", "memory": "memory",
+CPU_EXPERIMENTS = {"train": "train", "gradcheck": "gradcheck", "memory": "memory",
                    "discretization": "discretization", "linear": "linear",
-                   "finetune_pretrain": "train", "depth_transfer": "train", "convergence": "train"}
+                   "train_pretrain": "train", "train_depth_transfer": "train", "train_convergence": "train"}
 
 
 @pytest.mark.parametrize("name, task", CPU_EXPERIMENTS.items())
