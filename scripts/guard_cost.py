@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 python scripts/guard_cost.py [--depth 1000] [--rounds 15]
 
 The bench's deep regime (width 64, batch 64, Heun, i.i.d. weights, float32, one
-thread: ``rode bench +experiment=deep``). Interleaved, one round after another,
+thread: ``rode bench experiment=bench_deep``). Interleaved, one round after another,
 each round timing:
 
 - ``walk``: a full walk of the stack's structure (``Structure`` + ``Layout``),
