@@ -84,8 +84,9 @@ def bad_values(spec) -> list[str]:
     return []
 
 
-def schema_cases(task: str) -> list[tuple[list[str], list[str]]]:
-    """Every key of the task's schema, each with every bad value its type implies; each
+def schema_cases(task: str, sample: bool = False) -> list[tuple[list[str], list[str]]]:
+    """Every key of the task's schema, each with every bad value its type implies (with
+    ``sample``: one of them per key, a different kind from one key to the next); each
     case names the key in its message. Group options with their own keys (dataset=...,
     model=...) are selected first. A group shared with `train` (the same spec object:
     dataset, model, adjoint, hooks) is walked once, in train's table."""
@@ -112,20 +113,23 @@ def schema_cases(task: str) -> list[tuple[list[str], list[str]]]:
                 continue
             else:
                 plus = "+" if not spec.required else ""
-                cases.extend(([*select, f"{plus}{name}={bad}"], [name]) for bad in bad_values(spec))
+                mine = [([*select, f"{plus}{name}={bad}"], [name]) for bad in bad_values(spec)]
                 if spec.required and not prefix:
-                    cases.append(([*select, f"~{name}"], [name]))
+                    mine.append(([*select, f"~{name}"], [name]))
+                if sample and mine:   # one bad value per key, a different kind key by key
+                    mine = [mine[len(cases) % len(mine)]]
+                cases.extend(mine)
 
     walk(S.TASK_SCHEMAS[task].fields, "", [])
     return cases
 
 
-def cases_for(task: str, files) -> list[tuple[list[str], list[str]]]:
-    """(overrides, words the one-line message must hold): the schema's table, then the
-    cross-field rules and the files."""
+def cases_for(task: str, files, sample: bool = False) -> list[tuple[list[str], list[str]]]:
+    """(overrides, words the one-line message must hold): the schema's table (``sample``:
+    one bad value per key), then the cross-field rules and the files."""
     cfg = compose_config(task, base_overrides(task, files), files["root"] / "compose")
     has = lambda key: key in cfg  # noqa: E731
-    cases = schema_cases(task)
+    cases = schema_cases(task, sample)
     if has("depth") and has("method"):
         cases += [(["depth=1", "method=heun"], ["depth", "method=heun"])]
     if has("depths") and has("method"):
@@ -246,13 +250,25 @@ def run_flags(task: str) -> list[list[str]]:
 
 @pytest.mark.parametrize("task", list(TASKS))
 def test_every_bad_input_is_one_line_exit_2(task, files, tmp_path, monkeypatch, capsys):
-    """The whole table; each case through one of Hydra's routes (in turn, shifted per
-    task, so that every key meets several), since bad input must be refused
-    whichever flags start the task."""
+    """Every key with one of its bad values, every rule and file case; each case through
+    one of Hydra's routes (in turn, shifted per task), since bad input must be refused
+    whichever flags start the task. The whole table (every bad value of every key) is
+    the slow test below."""
+    _run_table(task, cases_for(task, files, sample=True), files, tmp_path, monkeypatch, capsys)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", list(TASKS))
+def test_every_bad_value_of_every_key(task, files, tmp_path, monkeypatch, capsys):
+    """The whole table: every bad value the schema implies for every key."""
+    _run_table(task, cases_for(task, files), files, tmp_path, monkeypatch, capsys)
+
+
+def _run_table(task, cases, files, tmp_path, monkeypatch, capsys):
     failures = []
     routes = run_flags(task)
     shift = list(TASKS).index(task)
-    for i, (overrides, words) in enumerate(cases_for(task, files)):
+    for i, (overrides, words) in enumerate(cases):
         cwd = tmp_path / f"case{i}"
         cwd.mkdir()
         flags = routes[(i + shift) % len(routes)]
