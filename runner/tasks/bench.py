@@ -236,8 +236,9 @@ def _bench_one(spec, names, cfg, memory_kind, notes, bar) -> list[dict]:
     for n in names:
         if memory_kind != "not_measured":
             try:
-                peaks[n], _ = peak_memory(functools.partial(prepared_step, {**spec, "contender": n}),
-                                          torch.device(spec["device"]), isolated=True)
+                peak, _ = peak_memory(functools.partial(prepared_step, {**spec, "contender": n}),
+                                      torch.device(spec["device"]), isolated=True)
+                peaks[n] = float(peak)
             except PeakMemoryError as e:
                 why = (f"memory of {n} ({spec['method']}, depth {spec['depth']}) "
                        f"not measured: {e}")
