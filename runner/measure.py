@@ -13,10 +13,19 @@ trajectory as one without.
 """
 from __future__ import annotations
 
+import atexit
+import base64
 import contextlib
 import ctypes
 import gc
+import importlib
+import json
+import os
+import pickle
 import resource
+import subprocess
+import sys
+import warnings
 from collections import defaultdict
 from typing import Callable, Iterable, Iterator
 
@@ -389,14 +398,42 @@ PEAK_KINDS = {
     "cpu_peak_rss_growth": "CPU on Linux: how far the process's peak resident set rose above "
                            "its size just before the step, after freed heap memory was returned",
     "process_peak_rss": "the process's lifetime peak resident set (coarse upper bound)",
+    # isolated=True: the step's own peak, above what its inputs and one warm-up step hold
+    "cpu_peak_rss_over_baseline": "CPU on Linux, isolated: in a fresh process, how far the peak "
+                                  "resident set rose above its size once the step was prepared "
+                                  "and warmed up (blocks of a page or more served by mmap)",
+    "cuda_max_allocated_over_baseline": "CUDA, isolated: the allocator's peak during the step "
+                                        "above what was allocated before it, after a warm-up step",
 }
 
 
-def peak_memory(step: Callable[[], object] | None, device: torch.device) -> tuple[int, str]:
+# The kind of ``peak_memory(..., isolated=True)`` on each device type.
+ISOLATED_KINDS = {"cpu": "cpu_peak_rss_over_baseline", "cuda": "cuda_max_allocated_over_baseline"}
+
+
+class PeakMemoryError(RuntimeError):
+    """An isolated measurement that failed (the measuring process died, ...)."""
+
+
+def peak_memory(step: Callable[[], object] | None, device: torch.device, *,
+                isolated: bool = False) -> tuple[int, str]:
     """(bytes, kind) for the peak memory of ``step()`` on ``device``, or, with
     ``step=None``, of the process (CUDA: the allocator's peak since the last reset)
     so far. ``kind`` is one of :data:`PEAK_KINDS`. On CUDA running a step resets
-    the peak statistics."""
+    the peak statistics.
+
+    ``isolated=True``: the step's own peak, above what it starts from. ``step`` is
+    then a picklable callable that prepares the step (builds its model and batch)
+    and returns it; the step runs once to warm up (lazy one-time allocations), then
+    once measured. On CPU all of it happens in a fresh process forked for it from a
+    server that has imported torch (the peak mark of a process that ran other steps
+    says little about this one): ``cpu_peak_rss_over_baseline``. On CUDA it runs in
+    this process: ``cuda_max_allocated_over_baseline``. Raises
+    :class:`PeakMemoryError` when the measurement fails."""
+    if isolated:
+        if device.type == "cuda":
+            return _isolated_peak(step, device)
+        return _isolated_server().measure(step)
     if device.type == "cuda":
         if step is None:
             return torch.cuda.max_memory_allocated(device), "cuda_max_memory_allocated"
@@ -413,6 +450,133 @@ def peak_memory(step: Callable[[], object] | None, device: torch.device) -> tupl
             return max(0, proc_status("VmHWM") - before), "cpu_peak_rss_growth"
         step()
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process_peak_rss"
+
+
+def _isolated_peak(prepare: Callable[[], Callable[[], object]],
+                   device: torch.device) -> tuple[int, str]:
+    """The measurement of ``peak_memory(prepare, device, isolated=True)``, in the
+    process that runs it (on CPU: a fresh one)."""
+    cpu = device.type != "cuda"
+    if cpu:
+        try:   # large blocks straight from mmap and back on free (no dynamic
+            # threshold): the resident set follows the live tensors
+            ctypes.CDLL("libc.so.6").mallopt(-3, 4096)   # M_MMAP_THRESHOLD: a page
+        except (OSError, AttributeError):
+            pass
+    step = prepare()
+    step()   # warm-up
+    if cpu:
+        _release_free_memory()
+        before = proc_status("VmRSS")
+        if not _reset_peak_rss():
+            raise PeakMemoryError("the peak resident set cannot be reset here "
+                                  "(/proc/self/clear_refs: Linux only)")
+        step()
+        return proc_status("VmHWM") - before, ISOLATED_KINDS["cpu"]
+    gc.collect()
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before, ISOLATED_KINDS["cuda"]
+
+
+# What the measured steps would otherwise import in every forked child: what
+# autograd.grad pulls in on its first call (most of a second), and the optional
+# libraries of rode's bench contenders (runner.contenders; seconds for torchdiffeq).
+_SERVER_PRELOAD = ("torch.fx.experimental.symbolic_shapes", "torch.utils.checkpoint",
+                   "torchdiffeq", "memcnn")
+
+
+def _serve() -> None:
+    """The isolated-measurement server: reads one pickled ``prepare`` per line
+    (base64), measures it in a child forked for it, answers one JSON line. Forking
+    from here is cheap (torch is imported) and safe (no torch thread has started)."""
+    for module in _SERVER_PRELOAD:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                importlib.import_module(module)
+        except ImportError:
+            pass
+    gc.collect()
+    gc.freeze()   # the forked children's collections skip torch's own objects
+    answers = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)   # whatever else gets printed goes to stderr
+    cpu = torch.device("cpu")
+    for line in sys.stdin:
+        try:   # unpickled here: the modules it needs are imported once, not per child
+            prepare = pickle.loads(base64.b64decode(line))
+        except Exception as e:  # noqa: BLE001 - reported to the caller
+            answers.write(json.dumps(["error", f"{type(e).__name__}: {e}"]) + "\n")
+            answers.flush()
+            continue
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:   # the child
+            os.close(read)
+            try:
+                result = ["ok", _isolated_peak(prepare, cpu)[0]]
+            except BaseException as e:  # noqa: BLE001 - reported to the parent
+                result = ["error", f"{type(e).__name__}: {e}"]
+            with os.fdopen(write, "w") as f:
+                f.write(json.dumps(result))
+            os._exit(0)
+        os.close(write)
+        with os.fdopen(read) as f:
+            data = f.read()
+        _, status = os.waitpid(pid, 0)
+        if not data:
+            signal = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
+            data = json.dumps(["error", f"the measuring process died (signal {signal}, "
+                                        f"out of memory?)" if signal else
+                                        f"the measuring process exited with {os.WEXITSTATUS(status)}"])
+        answers.write(data + "\n")
+        answers.flush()
+
+
+class _Server:
+    """The client of :func:`_serve`: one server process, started on first use and
+    stopped when this process exits."""
+
+    def __init__(self):
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", "from runner.measure import _serve; _serve()"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def measure(self, prepare) -> tuple[int, str]:
+        try:
+            line = base64.b64encode(pickle.dumps(prepare)).decode()
+        except (pickle.PicklingError, AttributeError, TypeError) as e:
+            raise TypeError("peak_memory(isolated=True) on CPU needs a picklable callable that "
+                            "prepares the step (a module-level function, or functools.partial "
+                            f"of one), not {prepare!r}: {e}") from None
+        try:
+            self.process.stdin.write(line + "\n")
+            self.process.stdin.flush()
+            status, value = json.loads(self.process.stdout.readline())
+        except (OSError, ValueError) as e:
+            status, value = "error", f"the measuring server failed ({type(e).__name__})"
+        if status != "ok":
+            raise PeakMemoryError(value)
+        return int(value), ISOLATED_KINDS["cpu"]
+
+    def close(self) -> None:
+        if self.process.stdin:
+            self.process.stdin.close()
+        self.process.wait()
+
+
+_server: _Server | None = None
+
+
+def _isolated_server() -> _Server:
+    global _server
+    if _server is None or _server.process.poll() is not None:
+        _server = _Server()
+        atexit.register(_server.close)
+    return _server
 
 
 # ----------------------------------------------------------- reconstruction

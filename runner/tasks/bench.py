@@ -10,9 +10,10 @@ the same residual functions on the same batch: N MLP residual functions (width
   contenders' steps are interleaved round by round, so that a noisy machine
   slows them alike and their ratios stay meaningful;
 - ``peak_bytes``: the step's peak memory above what the model and batch already
-  hold. On CPU each measurement runs in a fresh process and reads the kernel's
-  peak resident set (VmHWM, reset after a warm-up step); on CUDA it is
-  ``torch.cuda.max_memory_allocated`` above the memory allocated before the step;
+  hold, ``runner.measure.peak_memory(..., isolated=True)``: on CPU each measurement
+  runs in a fresh process and reads the kernel's peak resident set (VmHWM, reset
+  after a warm-up step); on CUDA it is ``torch.cuda.max_memory_allocated`` above
+  the memory allocated before the step;
 - ``grad_rel_error``: ||g - g_backprop|| / ||g_backprop|| over all parameters,
   against backprop on the same functions and batch.
 
@@ -23,18 +24,13 @@ name) and prints a table.
 from __future__ import annotations
 
 import copy
-import ctypes
+import functools
 import gc
-import importlib
-import json
 import logging
 import math
-import os
 import statistics
-import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -46,7 +42,7 @@ from ..contenders import CONTENDERS
 from ..inits import INITS
 from ..integrators import INTEGRATORS
 from ..io import format_size, plain, write_csv, write_json
-from ..measure import DTYPES, proc_status
+from ..measure import DTYPES, ISOLATED_KINDS, PeakMemoryError, peak_memory
 from ..models import MLPBlock
 from ..preflight import check_device
 from ..reporting import Job, num, table, table_jobs
@@ -128,123 +124,22 @@ def flat_grad(params) -> torch.Tensor:
                       for p in params]).double()
 
 
-# -------------------------------------------------------------- CPU memory
-def _libc():
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
-
-
-def peak_of_step(spec: dict) -> int:
-    """Peak resident memory of one training step above the resident memory once
-    the model and batch exist. Run it in a fresh process: the peak mark of a
-    process that already ran other steps says little about this one."""
-    libc = _libc()
-    if libc is not None:
-        # Large blocks straight from mmap and back on free (no dynamic threshold),
-        # so that the resident set follows the live tensors.
-        libc.mallopt(-3, 4096)   # M_MMAP_THRESHOLD: blocks of a page or more
+# ------------------------------------------------------------------- memory
+def prepared_step(spec: dict):
+    """The training step of ``spec``'s contender, its model and batch built (in the
+    measuring process: see ``measure.peak_memory(..., isolated=True)``). Its gradients
+    are its output: dropped after each call, not part of what the next one starts from."""
     torch.set_num_threads(spec["threads"])
     functions, params, x0, target = make_problem(spec)
     model = CONTENDERS[spec["contender"]].build(functions, spec["method"],
                                                  compile=spec["compile"],
                                                  alpha=spec.get("alpha", 1.0))
-    train_step(model, params, x0, target)   # warm-up: lazy one-time allocations
-    for p in params:
-        p.grad = None
-    gc.collect()
-    if libc is not None:
-        libc.malloc_trim(0)
-    baseline = proc_status("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")                          # reset the peak mark (VmHWM) to the current RSS
-    train_step(model, params, x0, target)
-    return proc_status("VmHWM") - baseline
 
-
-def _serve() -> None:
-    """``python -m runner.tasks.bench --memory-server``: reads one JSON spec per
-    line, measures :func:`peak_of_step` in a child forked for it, answers one JSON
-    line. Forking from here is cheap (torch is imported) and safe (no torch
-    thread has started in this process)."""
-    # Import once here what is otherwise imported lazily in each child (autograd.grad
-    # pulls in symbolic_shapes on its first call: most of a second).
-    for module in ["torch.fx.experimental.symbolic_shapes", "torch.utils.checkpoint",
-                   "torchdiffeq", "memcnn"]:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                importlib.import_module(module)
-        except ImportError:
-            pass
-    gc.collect()
-    gc.freeze()   # the forked children's collections skip torch's own objects
-    answers = os.fdopen(os.dup(1), "w")
-    os.dup2(2, 1)   # whatever else gets printed goes to stderr
-    for line in sys.stdin:
-        spec = json.loads(line)
-        read, write = os.pipe()
-        pid = os.fork()
-        if pid == 0:   # the child
-            os.close(read)
-            try:
-                result = ["ok", peak_of_step(spec)]
-            except BaseException as e:  # noqa: BLE001 - reported to the parent
-                result = ["error", f"{type(e).__name__}: {e}"]
-            with os.fdopen(write, "w") as f:
-                f.write(json.dumps(result))
-            os._exit(0)
-        os.close(write)
-        with os.fdopen(read) as f:
-            data = f.read()
-        _, status = os.waitpid(pid, 0)
-        if not data:
-            signal = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
-            data = json.dumps(["error", f"the measuring process died (signal {signal}, "
-                                        f"out of memory?)" if signal else
-                                        f"the measuring process exited with {os.WEXITSTATUS(status)}"])
-        answers.write(data + "\n")
-        answers.flush()
-
-
-class CpuMemory:
-    """Peak memory of a step, each measured in a fresh process (see :func:`_serve`)."""
-
-    kind = "cpu_peak_rss_over_baseline"
-
-    def __init__(self):
-        self.server = subprocess.Popen(
-            [sys.executable, "-m", "runner.tasks.bench", "--memory-server"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-
-    def measure(self, spec: dict) -> tuple[float, str | None]:
-        try:
-            self.server.stdin.write(json.dumps(spec) + "\n")
-            self.server.stdin.flush()
-            status, value = json.loads(self.server.stdout.readline())
-        except (OSError, ValueError) as e:
-            status, value = "error", f"the memory server failed ({type(e).__name__})"
-        if status != "ok":
-            return math.nan, (f"memory of {spec['contender']} ({spec['method']}, depth "
-                              f"{spec['depth']}) not measured: {value}")
-        return float(value), None
-
-    def close(self) -> None:
-        if self.server.stdin:
-            self.server.stdin.close()
-        self.server.wait()
-
-
-def cuda_peak(model, params, x0, target) -> float:
-    for p in params:
-        p.grad = None
-    gc.collect()
-    torch.cuda.synchronize(x0.device)
-    baseline = torch.cuda.memory_allocated(x0.device)
-    torch.cuda.reset_peak_memory_stats(x0.device)
-    train_step(model, params, x0, target)
-    return float(torch.cuda.max_memory_allocated(x0.device) - baseline)
+    def step():
+        train_step(model, params, x0, target)
+        for p in params:
+            p.grad = None
+    return step
 
 
 # ---------------------------------------------------------------------- run
@@ -269,9 +164,7 @@ def run(cfg) -> dict:
         names.insert(0, "backprop")   # the reference for the gradient error and the ratios
     methods = list(dict.fromkeys(as_list(cfg, "methods")))
     depths = sorted(set(int(d) for d in as_list(cfg, "depths")))
-    memory = CpuMemory() if cfg.memory and device == "cpu" else None
-    memory_kind = ("cuda_max_allocated_over_baseline" if device == "cuda" else CpuMemory.kind) \
-        if cfg.memory else "not_measured"
+    memory_kind = ISOLATED_KINDS[torch.device(device).type] if cfg.memory else "not_measured"
 
     inits = list(dict.fromkeys(as_list(cfg, "init")))
     jobs = [(i, m, d) for i in inits for m in methods for d in depths]
@@ -293,7 +186,7 @@ def run(cfg) -> dict:
                     "compile": bool(cfg.compile), "alpha": float(cfg.get("alpha", 1.0))}
             here = [n for n in names if method in CONTENDERS[n].methods]
             start = time.perf_counter()
-            rows += _bench_one(spec, here, cfg, memory, memory_kind, notes, bar)
+            rows += _bench_one(spec, here, cfg, memory_kind, notes, bar)
             write_csv(rows, out_dir / "bench.csv", COLUMNS)   # after each depth: a long run keeps its rows
             if bar.disable:
                 print(f"rode bench: {init} {method} depth {depth}: {len(here)} contenders in "
@@ -301,8 +194,6 @@ def run(cfg) -> dict:
     finally:
         gc.unfreeze()
         bar.close()
-        if memory is not None:
-            memory.close()
 
     summary = {"status": "completed", "config": plain(cfg, exclude=["out_dir"]),
                "device": device, "threads": threads, "memory_kind": memory_kind,
@@ -317,7 +208,7 @@ def run(cfg) -> dict:
     return summary
 
 
-def _bench_one(spec, names, cfg, memory, memory_kind, notes, bar) -> list[dict]:
+def _bench_one(spec, names, cfg, memory_kind, notes, bar) -> list[dict]:
     """All contenders at one (method, depth): gradients, interleaved timing, memory."""
     functions, params, x0, target = make_problem(spec)
     models = {n: CONTENDERS[n].build(functions, spec["method"], compile=spec["compile"],
@@ -330,8 +221,6 @@ def _bench_one(spec, names, cfg, memory, memory_kind, notes, bar) -> list[dict]:
         grads[n] = flat_grad(params)
         for _ in range(int(cfg.warmup)):
             train_step(model, params, x0, target)
-        if memory_kind.startswith("cuda"):
-            peaks[n] = cuda_peak(model, params, x0, target)
     order = list(models)
     for r in range(int(cfg.repeats)):
         # Interleaved, the order rotated each round: no contender always runs
@@ -345,9 +234,14 @@ def _bench_one(spec, names, cfg, memory, memory_kind, notes, bar) -> list[dict]:
 
     rows = []
     for n in names:
-        if memory is not None:
-            peaks[n], why = memory.measure({**spec, "contender": n})
-            if why:
+        if memory_kind != "not_measured":
+            try:
+                peak, _ = peak_memory(functools.partial(prepared_step, {**spec, "contender": n}),
+                                      torch.device(spec["device"]), isolated=True)
+                peaks[n] = float(peak)
+            except PeakMemoryError as e:
+                why = (f"memory of {n} ({spec['method']}, depth {spec['depth']}) "
+                       f"not measured: {e}")
                 notes.append(why)
                 print(f"rode bench: note: {why}", file=sys.stderr, flush=True)
         error = ((grads[n] - reference).norm() / reference.norm()).item()
@@ -451,6 +345,3 @@ def report_section(jobs: list[Job], out: Path, figures: list[str]) -> str:
                "grad error"], body), "",
         *[f"- note: {n}" for n in notes], *([""] if notes else []),
         "![benchmark](bench.png)"])
-
-if __name__ == "__main__" and sys.argv[1:] == ["--memory-server"]:
-    _serve()
