@@ -194,14 +194,18 @@ def task_help(task: str, route: routes.Route, overrides: list[str]) -> str:
     its value under these overrides and the values it accepts (from its schema)."""
     from hydra import compose
     from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
 
     from . import keyhelp
 
     with routes.initialize(route):
-        try:
-            cfg = compose(config_name=route.config_name, overrides=list(overrides))
+        try:   # a sweep (depth=4,8) is shown at its first value
+            parsed = OverridesParser.create().parse_overrides(list(overrides))
+            words = [f"{o.get_key_element()}={_sweep_values(o)[0]}" if o.is_sweep_override()
+                     else o.input_line for o in parsed]
+            cfg = compose(config_name=route.config_name, overrides=words)
         except HydraException as e:
             raise ConfigError(_hydra_message(e, overrides, task)) from None
         hydra = GlobalHydra.instance().hydra

@@ -83,10 +83,10 @@ def test_task_help_shows_each_keys_allowed_values_from_the_schema(rode_cli):
 
 
 def test_task_help_follows_the_overrides(rode_cli):
-    r = rode_cli("train", "dataset=synthetic", "depth=32", "--help")
+    r = rode_cli("-m", "train", "dataset=synthetic", "depth=32,64", "--help")
     assert r.code == 0, r.err
     rows = _help_rows(r.out)
-    assert rows["depth"][0] == "32"
+    assert rows["depth"][0] == "32"   # a sweep: shown at its first value
     assert rows["dataset"][0] == "synthetic"
     assert rows["dataset.num_samples"][1] == "an integer in [2, 10000000]"
     assert "dataset.split_seed" not in rows   # a key of digits, not of synthetic
