@@ -39,12 +39,14 @@ _MAX_COMBINATIONS = 256
 
 def usage() -> str:
     width = max(map(len, TASKS))
-    lines = ["usage: rode [-m] <task> [key=value ...] [--help]", "", "tasks:"]
+    lines = ["usage: rode [-m] <task> [key=value ...] [--help]", "       rode --version",
+             "", "tasks:"]
     lines += [f"  {name:<{width}}  {task.description}" for name, task in TASKS.items()]
     lines += ["", "examples:",
               "  rode train depth=1000 method=heun grad=adjoint",
               "  rode -m train depth=8,16,32 method=euler,heun",
-              "  rode train --help        # the task's config and options"]
+              "  rode train --help        # the task's keys and the values each accepts",
+              "  rode --version           # rode's, torch's and Hydra's versions"]
     return "\n".join(lines)
 
 
@@ -122,6 +124,9 @@ def main(argv: list[str] | None = None) -> None:
     if _EARLY and signal.getsignal(signal.SIGINT) is _interrupted_early:
         signal.signal(signal.SIGINT, signal.default_int_handler)   # main() handles it now
     task, flags, overrides = split_argv(argv)
+    if "--version" in flags:
+        print(version_text())
+        sys.exit(0)
     if task is None:
         if any(f in ("-h", "--help") for f in flags):
             print(usage())
@@ -139,7 +144,11 @@ def main(argv: list[str] | None = None) -> None:
         if "resume" in TASK_SCHEMAS[task].fields:
             routes.check_resume_dir(overrides)
             overrides = rundir.prepare_resume(overrides, route.multirun)
-        if not route.only_prints:   # --help, --cfg ...: Hydra answers, no job runs
+        if route.args.help:   # the keys and the values each accepts, from the schema
+            with routes.one_line_errors():
+                print(task_help(task, route, overrides))
+            return
+        if not route.only_prints:   # --cfg, --hydra-help ...: Hydra answers, no job runs
             with routes.one_line_errors():
                 validate_overrides(task, overrides, route.multirun, route)
         for note in notes:
@@ -156,8 +165,55 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as e:  # Hydra's own composition / parse errors: still one line
         from hydra.errors import HydraException
         if isinstance(e, HydraException):
-            _die(_hydra_message(e, overrides), 2, task)
+            _die(_hydra_message(e, overrides, task), 2, task)
         raise
+
+
+def version_text() -> str:
+    """``rode --version``: rode's version, and torch's and Hydra's (read from their
+    installed metadata, so that this stays fast: torch is imported only without it)."""
+    from importlib import metadata
+
+    from . import __version__
+
+    def installed(dist: str, module: str) -> str:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            try:
+                return __import__(module).__version__
+            except ImportError:
+                return "not installed"
+
+    return (f"rode {__version__}\ntorch {installed('torch', 'torch')}\n"
+            f"hydra-core {installed('hydra-core', 'hydra')}")
+
+
+def task_help(task: str, route: routes.Route, overrides: list[str]) -> str:
+    """``rode <task> [overrides] --help``: the task's config groups, then each key with
+    its value under these overrides and the values it accepts (from its schema)."""
+    from hydra import compose
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+
+    from . import keyhelp
+
+    with routes.initialize(route):
+        try:   # a sweep (depth=4,8) is shown at its first value
+            parsed = OverridesParser.create().parse_overrides(list(overrides))
+            words = [f"{o.get_key_element()}={_sweep_values(o)[0]}" if o.is_sweep_override()
+                     else o.input_line for o in parsed]
+            cfg = compose(config_name=route.config_name, overrides=words)
+        except HydraException as e:
+            raise ConfigError(_hydra_message(e, overrides, task)) from None
+        hydra = GlobalHydra.instance().hydra
+        loader = hydra.config_loader
+        groups = {g: sorted(loader.get_group_options(g))
+                  for g in sorted(hydra.list_all_config_groups()) if not g.startswith("hydra")}
+    plain = OmegaConf.to_container(cfg, resolve=False)
+    return keyhelp.render(task, plain, groups, TASKS[task].description)
 
 
 def validate(task: str, module, cfg) -> None:
@@ -257,7 +313,7 @@ def validate_overrides(task: str, overrides: list[str], multirun: bool,
             parsed = OverridesParser.create().parse_overrides(overrides)
         except HydraException as e:
             raise ConfigError(routes.unreadable_value(task, overrides)
-                              or _hydra_message(e, overrides)) from None
+                              or _hydra_message(e, overrides, task)) from None
         routes.check_group_values(parsed, task)
         axes = []
         for o in parsed:
@@ -285,7 +341,7 @@ def validate_overrides(task: str, overrides: list[str], multirun: bool,
                 cfg = compose(config_name=config_name, overrides=[*combo, *hydra_overrides],
                               return_hydra_config=True)
             except HydraException as e:
-                raise ConfigError(_hydra_message(e, list(combo))) from None
+                raise ConfigError(_hydra_message(e, list(combo), task)) from None
             try:
                 out_dir = out_dir or OmegaConf.select(cfg, key, default=None)
             except OmegaConfBaseException as e:
@@ -306,7 +362,7 @@ def validate_overrides(task: str, overrides: list[str], multirun: bool,
                                     overrides=[*combo, *hydra_overrides, *searched_point])
                 except HydraException as e:
                     raise ConfigError("hydra.sweeper.params: "
-                                      + _hydra_message(e, searched_point)) from None
+                                      + _hydra_message(e, searched_point, task)) from None
                 with _float_interval_hint({**intervals, **_float_intervals(space)}):
                     config.validate(task, point)
         if out_dir is None and dir_error is not None:
@@ -427,7 +483,7 @@ def _combinations(axes: list[list[str]]):
             yield tuple(base[:k] + [v] + base[k + 1:])
 
 
-def _hydra_message(e: Exception, overrides: list[str]) -> str:
+def _hydra_message(e: Exception, overrides: list[str], task: str | None = None) -> str:
     """One line from Hydra's multi-line composition errors, naming the valid choices."""
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import MissingConfigException
@@ -447,7 +503,9 @@ def _hydra_message(e: Exception, overrides: list[str]) -> str:
         return f"{missing!r} not found"
     if "Could not override '" in text:
         key = text.split("Could not override '", 1)[1].split("'", 1)[0]
-        return f"unknown key {key!r} (see `rode <task> --help` for the valid keys; use +{key}=... to add one)"
+        from .keyhelp import unknown_key
+
+        return unknown_key(task, key)
     if "Could not append to config. An item is already at '" in text:
         key = text.split("'")[1]
         return f"{key!r} already exists; set it without the '+'"

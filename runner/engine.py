@@ -297,8 +297,7 @@ def _train(cfg, hooks, model, data, resume, dist, device, stop) -> dict:
         with checkpoint.writing(run.metrics_path, epoch, run.step):   # ... is mended on resume
             run.log(None, record)
         if dist.is_main:
-            log.info("epoch %d/%d  train_loss %.4f  test_loss %.4f  test_acc %.4f",
-                     epoch, cfg.epochs, record["train_loss"], test_loss, test_acc)
+            log.info("%s", epoch_line(record, cfg.epochs, sel))
         for hook in hooks:
             hook.on_epoch_end(run)
         if sel.stopped:
@@ -365,6 +364,22 @@ def _rewind_metrics(path: Path, progress: checkpoint.Progress) -> None:
         keep.append(json.dumps(last))
     if keep != lines:
         write_text("".join(line + "\n" for line in keep), path)
+
+
+def epoch_line(record: dict, epochs: int, sel: selection.Selection) -> str:
+    """The console's line for one epoch: the losses, and the monitored metric (what picks
+    the best epoch and early-stops), with the best value so far."""
+    monitor, value = sel.monitor, record.get(sel.monitor)
+    shown = "n/a" if value is None else f"{value:.4f}"
+    best = (f" (monitor; best {sel.best_value:.4f} at epoch {sel.best_epoch})"
+            if sel.best_value is not None else " (monitor)")
+    parts = [f"epoch {record['epoch']}/{epochs}", f"train_loss {record['train_loss']:.4f}"]
+    if monitor != "train_loss":
+        parts.append(f"{monitor} {shown}{best}")
+    else:
+        parts[-1] += best
+    parts += [f"test_loss {record['test_loss']:.4f}", f"test_acc {record['test_acc']:.4f}"]
+    return "  ".join(parts)
 
 
 def _fail(run: Run, message: str, seconds: float) -> None:

@@ -13,6 +13,7 @@ registry's names, which each registry checks its own keys against at import.
 """
 from __future__ import annotations
 
+import difflib
 import math
 from dataclasses import dataclass, field, replace
 
@@ -320,6 +321,10 @@ def check_node(node, schema: Group, prefix: str = "") -> None:
             if schema.open:
                 continue
             valid = ", ".join(schema.fields)
+            near = difflib.get_close_matches(str(key), list(schema.fields), n=1)
+            if near:
+                raise ConfigError(f"unknown key {dotted}{key!r}; did you mean {dotted}{near[0]}? "
+                                  f"(the valid keys here are {valid})")
             raise ConfigError(f"unknown key {dotted}{key!r}; the valid keys here are {valid}")
     for key, spec in schema.fields.items():
         name = dotted + key

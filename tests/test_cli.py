@@ -127,7 +127,7 @@ def test_refusals_and_help_do_not_load_torch(tmp_path):
     """`rode --help` and a bad value are answered before torch would load (seconds)."""
     code = ("import sys\n"
             "from runner.cli import main\n"
-            "for argv in (['--help'], ['train', '--help'], ['train', 'method=rk9'],\n"
+            "for argv in (['--help'], ['train', '--help'], ['--version'], ['train', 'method=rk9'],\n"
             "             ['bench', 'depths=[0]']):\n"
             "    try:\n"
             "        main(argv)\n"

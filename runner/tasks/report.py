@@ -159,15 +159,31 @@ def validate(cfg) -> None:
     path = Path(str(cfg.dir))
     if not path.is_dir():
         raise ConfigError(f"dir={str(cfg.dir)!r} is not a directory")
+    if not has_jobs(path):   # before Hydra's log or report.md: nothing is written
+        raise ConfigError(_no_jobs(path))
+
+
+def has_jobs(root: Path) -> bool:
+    """Whether root holds a job dir (found as :func:`find_jobs` finds them), without
+    reading any of them."""
+    return is_job_dir(root) or any(
+        p.is_dir() and is_job_dir(p)
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        for p in root.rglob("*"))
+
+
+def _no_jobs(root: Path) -> str:
+    return (f"dir={str(root)!r} holds no job directories (no .hydra/ or result files); "
+            f"nothing to report, nothing written")
 
 
 def run(cfg) -> dict:
     root = Path(str(cfg.dir))
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     jobs = find_jobs(root)
     if not jobs:
-        raise ConfigError(f"dir={str(root)!r} holds no job directories (no .hydra/ or result files)")
+        raise ConfigError(_no_jobs(root))
+    out.mkdir(parents=True, exist_ok=True)
     figures: list[str] = []
     modules = task_modules(jobs)
     parts = [f"# Report: `{root}`", section_jobs(jobs),
