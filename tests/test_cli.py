@@ -67,7 +67,7 @@ def test_multirun_writes_one_job_dir_per_combination(rode_cli, tmp_path, spellin
 BAD = [
     (["nosuchtask"], "unknown task 'nosuchtask'; choose from"),
     (["train", "method=rk9"],
-     "method='rk9' is not a valid choice; choose from euler, heun, rev_heun, momentum"),
+     "method='rk9' is not a valid choice; choose from euler, heun, rev_heun, momentum, coupled"),
     (["train", "grad=magic"], "grad='magic' is not a valid choice; choose from backprop, adjoint"),
     (["train", "init=random"], "init='random' is not a valid choice; choose from"),
     (["train", "depth=0"], "depth=0 is out of range"),
@@ -151,7 +151,7 @@ def test_bad_input_in_a_real_subprocess(tmp_path):
     out = rode("train", "method=rk9", cwd=tmp_path)
     assert out.returncode == 2
     assert out.stderr.strip() == ("rode train: error: method='rk9' is not a valid choice; "
-                                  "choose from euler, heun, rev_heun, momentum")
+                                  "choose from euler, heun, rev_heun, momentum, coupled")
     assert "Traceback" not in out.stdout
 
 

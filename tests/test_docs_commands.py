@@ -86,8 +86,8 @@ def check(command: str, tmp_path: Path, elsewhere_ok: bool = True) -> str | None
     """None when `rode <command>` composes and validates; else the one-line error it gives.
     elsewhere_ok: a command refused only for what this machine lacks passes when its keys
     and values pass the schema and rules."""
-    from runner import rundir
-    from runner.cli import _MULTIRUN, bind_positional, renamed_keys, split_argv, validate_overrides
+    from runner import routes, rundir
+    from runner.cli import bind_positional, renamed_keys, split_argv, validate_overrides
     from runner.errors import ConfigError
     from runner.schema import TASK_SCHEMAS
     from runner.tasks import TASKS
@@ -104,15 +104,16 @@ def check(command: str, tmp_path: Path, elsewhere_ok: bool = True) -> str | None
         return None if flags else "no task"   # rode --help, rode --version
     if task not in TASKS:
         return f"unknown task {task!r}"
-    if not all(f in _MULTIRUN for f in flags):
-        return None   # --help, --cfg job: Hydra answers, nothing to validate
-    multirun = any(f in _MULTIRUN for f in flags)
     try:
         overrides = bind_positional(TASKS[task].positional, overrides)
         overrides = renamed_keys(task, overrides)
+        route = routes.read(task, flags, overrides)   # Hydra's flags, read as `rode` reads them
+        if route.only_prints:
+            return None   # --help, --cfg job: nothing runs, nothing to validate
+        multirun = route.multirun
         if "resume" in TASK_SCHEMAS[task].fields:
             overrides = rundir.prepare_resume(overrides, multirun)
-        validate_overrides(task, overrides, multirun)
+        validate_overrides(task, overrides, multirun, route)
     except ConfigError as e:
         if not (elsewhere_ok and ELSEWHERE.search(str(e))):
             return str(e)
@@ -120,29 +121,30 @@ def check(command: str, tmp_path: Path, elsewhere_ok: bool = True) -> str | None
         # keys and values must still pass the schema and rules (the task's own checks off).
         with _without_task_checks(task):
             try:
-                validate_overrides(task, overrides, multirun)
+                validate_overrides(task, overrides, multirun, route)
             except ConfigError as again:
-                return str(again)
+                # a path checked before the task's own checks (a checkpoint, a run dir)
+                return None if ELSEWHERE.search(str(again)) else str(again)
     return None
 
 
 # What a command needs from the machine it runs on, not from its command line.
 ELSEWHERE = re.compile(r"not found \(missing|does not exist \(give a run dir|"
-                       r"no CUDA device is available|needs its package")
+                       r"no CUDA device is available|needs its package|holds no job directories")
 
 
 @contextlib.contextmanager
 def _without_task_checks(task: str):
     import types
 
-    from runner import cli
+    from runner import tasks
 
-    real = cli.load_task
-    cli.load_task = lambda name: types.SimpleNamespace() if name == task else real(name)
+    real = tasks.load_task   # the environment stage (runner.config.validate) loads it here
+    tasks.load_task = lambda name: types.SimpleNamespace() if name == task else real(name)
     try:
         yield
     finally:
-        cli.load_task = real
+        tasks.load_task = real
 
 
 @pytest.mark.parametrize(("command", "marker"), COMMANDS)
