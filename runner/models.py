@@ -11,7 +11,7 @@ from .gradmodes import get_grad_mode
 from .inits import INITS
 from .integrators import get_integrator
 from .resnet import build_resnet
-from .stack import ResidualStack, set_alpha
+from .stack import ResidualStack, ResNet, set_alpha  # noqa: F401  (ResNet: models.ResNet)
 from .transformer import build_transformer
 
 # ------------------------------------------------------------ residual functions
@@ -39,20 +39,6 @@ class ConvBlock(nn.Sequential):
 
 
 # ------------------------------------------------------------------ models
-class ResNet(nn.Module):
-    """embed -> ResidualStack -> head."""
-
-    def __init__(self, embed: nn.Module, stack: ResidualStack, head: nn.Module):
-        super().__init__()
-        self.embed, self.stack, self.head = embed, stack, head
-
-    def forward(self, x):
-        return self.head(self.stack(self.embed(x)))
-
-    def stacks(self) -> list[ResidualStack]:
-        return [m for m in self.modules() if isinstance(m, ResidualStack)]
-
-
 def build_mlp(input_shape: Sequence[int], num_classes: int, *, depth: int, width: int,
               hidden: int | None, activation: str, init: str, method: str, grad) -> ResNet:
     in_features = math.prod(input_shape)

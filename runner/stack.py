@@ -339,3 +339,18 @@ def roundtrip_error(model: nn.Module) -> float | None:
     values = [m.last_roundtrip_error for m in model.modules() if isinstance(m, ResidualStack)]
     values = [v for v in values if v is not None]
     return max(values) if values else None
+
+
+class ResNet(nn.Module):
+    """A network around one stack: embed -> ResidualStack -> head (every model of
+    ``runner.models`` and ``runner.transformer``)."""
+
+    def __init__(self, embed: nn.Module, stack: ResidualStack, head: nn.Module):
+        super().__init__()
+        self.embed, self.stack, self.head = embed, stack, head
+
+    def forward(self, x):
+        return self.head(self.stack(self.embed(x)))
+
+    def stacks(self) -> list[ResidualStack]:
+        return [m for m in self.modules() if isinstance(m, ResidualStack)]

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .inits import INITS
-from .stack import ResidualStack
+from .stack import ResidualStack, ResNet
 
 BLOCKS = ("parallel", "sequential")
 
@@ -164,7 +164,6 @@ def build_transformer(input_shape: Sequence[int], num_classes: int, *, depth: in
                       sequence: bool = False):
     """A ViT (images or vectors) or, with ``sequence`` (token inputs, a target per
     position), a causal character language model."""
-    from .models import ResNet
 
     if sequence:
         (context,) = input_shape
