@@ -175,7 +175,7 @@ def cases_for(task: str, files, sample: bool = False) -> list[tuple[list[str], l
     if "logger" in cfg:
         cases += [(["logger=null"], ["logger", "tensorboard"]),
                   (["logger=[tensorboard,nope]"], ["logger", "nope", "choose from"])]
-    if has("dataset") and has("depth"):
+    if has("dataset") and "name" in (cfg.dataset or {}) and has("depth"):
         cases += [(["dataset=synthetic", "dataset.num_samples=100", "dataset.val_fraction=0.999"],
                    ["dataset.val_fraction", "none to train"])]
     if task == "gradcheck":
