@@ -8,6 +8,11 @@
 #                   peak memory (torch.cuda.max_memory_allocated above the step's baseline)
 #     bench_w1024   the same at width 1024
 #     deep          rode bench in the deep regime: depth 1000, width 64, batch 64, Euler and Heun
+#     transformer   one training step of model=transformer (causal LM, width 512, 8 heads, batch
+#                   8 x 128 tokens, amp) at depths 64, 256, 1024: backprop vs the adjoint (Euler)
+#                   and the exact coupled adjoint; time per step, peak memory
+#                   (torch.cuda.max_memory_allocated above the step's baseline), saved
+#                   activations (scripts/gpu_transformer.py; rode bench builds MLPs only)
 #     gradcheck     rode gradcheck in bfloat16 (and amp=true) for euler, heun, rev_heun,
 #                   momentum at depths 256 and 1024: the adjoint's gradient error against
 #                   backprop in float64, backprop's own bfloat16 error, the round-trip error
@@ -46,7 +51,7 @@ if [[ -z "${RODE:-}" ]]; then
 fi
 read -r -a RODE_CMD <<<"$RODE"
 TORCHRUN=("$PYTHON" -m torch.distributed.run)
-CHECKS="${CHECKS:-bench_w256 bench_w1024 deep gradcheck conv_amp ddp_train ddp_backend}"
+CHECKS="${CHECKS:-bench_w256 bench_w1024 deep transformer gradcheck conv_amp ddp_train ddp_backend}"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"   # python -m runner from anywhere
 
 METHODS4=euler,heun,rev_heun,momentum
@@ -58,11 +63,13 @@ if [[ $MODE == smoke ]]; then
   W256=(depths=[4,16] methods=[euler] width=8 batch_size=16 memory=true)
   W1024=(depths=[4,16] methods=[euler] width=16 batch_size=16 memory=false)
   DEEP=(depths=[32] methods=[euler,heun] width=8 batch_size=8 memory=false)
+  TF=(--device cpu --depths 2,4 --width 16 --heads 2 --batch 2 --tokens 8 --vocab 16
+      --warmup 0 --repeats 1)
   GC_SIZE=(depth=8,32 width=8 batch_size=32); GC_RUNS=8   # 4 methods x 2 depths
   CONV=(dataset.shape=[3,8,8] dataset.num_samples=64 depth=2 width=4 batch_size=16
         eval_batch_size=64 threads=1)
   TRAIN=(dataset=synthetic dataset.num_samples=64 depth=4 width=8 batch_size=16 epochs=1 threads=1)
-  T_BENCH=60; T_BENCH_BIG=60; T_DEEP=60; T_GC=60; T_CONV=60; T_DDP=90
+  T_BENCH=60; T_BENCH_BIG=60; T_DEEP=60; T_TF=120; T_GC=60; T_CONV=60; T_DDP=90
 else
   DEVICE=cuda; AMP=true
   NPROC="$("$PYTHON" -c 'import torch; print(max(1, torch.cuda.device_count()))' 2>/dev/null || echo 1)"
@@ -70,12 +77,14 @@ else
   W256=(depths=[64,256,1024,4096] methods=[euler] width=256 batch_size=1024 init=tied)
   W1024=(depths=[64,256,1024,4096] methods=[euler] width=1024 batch_size=1024 init=tied)
   DEEP=(depths=[1000] methods=[euler,heun] width=64 batch_size=64)
+  TF=(--device cuda --amp --depths 64,256,1024 --width 512 --heads 8 --batch 8 --tokens 128
+      --vocab 128 --warmup 1 --repeats 2)
   GC_SIZE=(depth=256,1024 batch_size=256); GC_RUNS=16   # x 2 depths x (bfloat16, amp)
   CONV=(dataset.shape=[3,32,32] dataset.num_samples=2560 depth=32 width=64 batch_size=128
         eval_batch_size=512)
   TRAIN=(dataset=synthetic dataset.num_samples=4096 depth=16 width=256 batch_size=256 epochs=1)
-  # Budget (seconds), about 7 minutes in all: a check past its limit is stopped and fails.
-  T_BENCH=80; T_BENCH_BIG=150; T_DEEP=50; T_GC=50; T_CONV=60; T_DDP=40
+  # Budget (seconds), about 8 minutes in all: a check past its limit is stopped and fails.
+  T_BENCH=80; T_BENCH_BIG=150; T_DEEP=50; T_TF=100; T_GC=50; T_CONV=60; T_DDP=40
 fi
 
 : >"$OUT/checks.tsv"
@@ -99,6 +108,9 @@ check bench_w1024 "$T_BENCH_BIG" "${RODE_CMD[@]}" bench "${BENCH_COMMON[@]}" "${
   "hydra.run.dir=$OUT/bench_w1024"
 check deep "$T_DEEP" "${RODE_CMD[@]}" bench "${BENCH_COMMON[@]}" "${DEEP[@]}" \
   "hydra.run.dir=$OUT/deep"
+mkdir -p "$OUT/transformer"
+check transformer "$T_TF" "$PYTHON" "$ROOT/scripts/gpu_transformer.py" "${TF[@]}" \
+  --contenders backprop:euler,adjoint:euler,adjoint:coupled --out "$OUT/transformer/rows.json"
 # Two sweeps, one check: bfloat16 weights, then (on CUDA) amp over float32 weights.
 mkdir -p "$OUT/gradcheck"
 {
@@ -248,6 +260,39 @@ def bench(name):
     return (not problems and bool(rows)), "; ".join(key[:3]) or "no rows", body, problems
 
 
+def transformer(name):
+    rows = json.loads((out / name / "rows.json").read_text())
+    problems = [f"{r['grad']}:{r['method']} depth {r['depth']}: {r['error']}"
+                for r in rows if "error" in r]
+    good = [r for r in rows if "error" not in r]
+    cuda = any(r["device"].startswith("cuda") for r in good)
+    problems += [f"{r['grad']}:{r['method']} depth {r['depth']}: no finite time or loss"
+                 for r in good if f(r["seconds_per_step"]) == "-" or f(r["loss"]) == "-"]
+    if cuda:
+        problems += [f"{r['grad']}:{r['method']} depth {r['depth']}: no peak memory"
+                     for r in good if f(r["peak_bytes"]) == "-"]
+    bp = {r["depth"]: r for r in good if r["grad"] == "backprop" and r["method"] == "euler"}
+    table, key = [], []
+    deepest = max((r["depth"] for r in good), default=None)
+    for r in good:
+        ref = bp.get(r["depth"])
+        t = r["seconds_per_step"] / ref["seconds_per_step"] if ref else math.nan
+        table.append([r["depth"], r["grad"], r["method"], r["amp"] or "-",
+                      f(r["seconds_per_step"], ".4f"), f(t, ".2f"), mib(r["peak_bytes"]),
+                      mib(r["saved_bytes"]), f(r["grad_rel_error"], ".2e")])
+        if r["depth"] == deepest and r["grad"] == "adjoint" and ref:
+            key.append(f"{r['grad']}:{r['method']} depth {deepest}: time x{f(t, '.2f')}, peak "
+                       f"{mib(r['peak_bytes'])} vs {mib(ref['peak_bytes'])} MiB, saved "
+                       f"{mib(r['saved_bytes'])} vs {mib(ref['saved_bytes'])} MiB")
+            if not r["saved_bytes"] < ref["saved_bytes"]:
+                problems.append(f"adjoint:{r['method']} depth {deepest} saves as much as backprop")
+    if not good:
+        problems.append("no rows")
+    body = md(["depth", "grad", "method", "amp", "s/step", "x bp", "peak MiB", "saved MiB",
+               "grad rel err"], table)
+    return not problems, "; ".join(key) or "no rows", body, problems
+
+
 def gradcheck(name):
     found = jobs(out / name)
     rows, problems = [], []
@@ -319,7 +364,8 @@ def ddp_backend(name):
 
 
 TITLES = {"bench_w256": ("rode bench, width 256", bench), "bench_w1024": ("rode bench, width 1024", bench),
-          "deep": ("rode bench, deep regime", bench), "gradcheck": ("bfloat16 gradcheck", gradcheck),
+          "deep": ("rode bench, deep regime", bench),
+          "transformer": ("transformer training step", transformer), "gradcheck": ("bfloat16 gradcheck", gradcheck),
           "conv_amp": ("conv ResNet step, amp", conv_amp), "ddp_train": ("torchrun rode train", ddp_train),
           "ddp_backend": ("DDP backend", ddp_backend)}
 results, sections = {}, []

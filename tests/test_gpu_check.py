@@ -8,7 +8,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
-CHECKS = ["bench_w256", "bench_w1024", "deep", "gradcheck", "conv_amp", "ddp_train", "ddp_backend"]
+CHECKS = ["bench_w256", "bench_w1024", "deep", "transformer", "gradcheck", "conv_amp", "ddp_train",
+          "ddp_backend"]
 
 
 def run_script(out, **env):
