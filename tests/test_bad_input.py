@@ -248,7 +248,13 @@ def run_flags(task: str) -> list[list[str]]:
             ["hydra.mode=RUN"], ["-r", "-cd", CONF, f"--config-name={task}"]]
 
 
-@pytest.mark.parametrize("task", list(TASKS))
+# The default suite's tasks: train (the most keys), the two that read checkpoints, report;
+# every task's table runs with the slow tests (test_every_bad_value_of_every_key).
+QUICK_TASKS = ("train", "gradcheck", "finetune", "report")
+
+
+@pytest.mark.parametrize("task", [t if t in QUICK_TASKS else pytest.param(t, marks=pytest.mark.slow)
+                                  for t in TASKS])
 def test_every_bad_input_is_one_line_exit_2(task, files, tmp_path, monkeypatch, capsys):
     """Every key with one of its bad values, every rule and file case; each case through
     one of Hydra's routes (in turn, shifted per task), since bad input must be refused

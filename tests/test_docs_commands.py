@@ -71,10 +71,13 @@ def rode_commands(text: str):
 
 
 def collect():
+    """Every command; the sweeps of docs/ (each composes one job per value) run with the
+    slow tests, the README's and every single-run command in the default suite."""
     found = []
     for path in DOCS:
         for line, command, marker in rode_commands(path.read_text()):
-            found.append(pytest.param(command, marker,
+            sweep = bool({"-m", "--multirun"} & set(command.split())) and path.name != "README.md"
+            found.append(pytest.param(command, marker, marks=[pytest.mark.slow] if sweep else [],
                                       id=f"{path.relative_to(ROOT)}:{line}: rode {command}"[:150]))
     return found
 

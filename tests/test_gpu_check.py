@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
 CHECKS = ["bench_w256", "bench_w1024", "deep", "transformer", "gradcheck", "conv_amp", "ddp_train",
@@ -18,18 +20,32 @@ def run_script(out, **env):
                           capture_output=True, text=True, timeout=600)
 
 
-def test_smoke_runs_every_check_and_writes_the_summary(tmp_path):
-    done = run_script(tmp_path / "out")
+# The default suite's share: the checks no other test runs (the transformer step, the
+# low-precision gradient check, a two-process DDP step); the slow test runs them all.
+QUICK = ["transformer", "gradcheck", "ddp_backend"]
+
+
+def _smoke(tmp_path, checks):
+    done = run_script(tmp_path / "out", CHECKS=" ".join(checks))
     summary = (tmp_path / "out" / "summary.md").read_text()
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:] + summary
     result = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert list(result["checks"]) == CHECKS
+    assert list(result["checks"]) == checks
     assert all(c["pass"] for c in result["checks"].values())
     assert result["versions"]["torch"]
-    for name in CHECKS:
+    for name in checks:
         assert f"| {name} | PASS |" in summary and f"## {name}:" in summary
     assert "| gradcheck | PASS |" in summary and "bfloat16" in summary
     assert "gloo, world size 2" in summary
+
+
+def test_smoke_runs_the_checks_no_other_test_runs(tmp_path):
+    _smoke(tmp_path, QUICK)
+
+
+@pytest.mark.slow
+def test_smoke_runs_every_check_and_writes_the_summary(tmp_path):
+    _smoke(tmp_path, CHECKS)
 
 
 def test_a_failing_check_fails_the_script_but_not_the_others(tmp_path):

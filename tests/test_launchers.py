@@ -46,6 +46,7 @@ def check_failure_is_isolated(tmp_path, sweep, out):
     assert [line for line in text.splitlines() if bad_dir in line and "| failed |" in line], text[-2000:]
 
 
+@pytest.mark.slow
 def test_submitit_local_sweep_keeps_other_jobs_when_one_fails(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher",
                         reason="hydra-submitit-launcher not installed (pip install '.[cluster]')")
