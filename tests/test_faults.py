@@ -174,12 +174,12 @@ def test_write_fault_during_checkpoint_is_one_line_and_a_failed_summary(
 
 def test_write_fault_in_another_task_is_one_line(rode_cli, tmp_path, monkeypatch):
     from runner import io
+    from runner.tasks import linear   # imported first: it must not keep the failing writer
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / ".x.csv.1.tmp"))
     monkeypatch.setattr(io, "write_csv", full)
-    from runner.tasks import linear
-    monkeypatch.setattr(linear, "write_csv", full, raising=False)
+    monkeypatch.setattr(linear, "write_csv", full)
     r = rode_cli("linear", "depths=[2]", "steps=2", "log_every=1", "snapshots=[0]",
                  "progress=false", f"hydra.run.dir={tmp_path / 'run'}")
     assert r.code == 1, r.err
