@@ -174,7 +174,7 @@ def test_write_fault_during_checkpoint_is_one_line_and_a_failed_summary(
 
 def test_write_fault_in_another_task_is_one_line(rode_cli, tmp_path, monkeypatch):
     from runner import io
-    from runner.tasks import linear   # imported first: it must not keep the failing writer
+    from runner.tasks import linear  # imported first: it must not keep the failing writer
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / ".x.csv.1.tmp"))
