@@ -135,7 +135,6 @@ def main(argv: list[str] | None = None) -> None:
     if task not in TASKS:
         _die(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
 
-    once.forget()   # what an earlier command in this process checked does not count
     try:
         overrides = bind_positional(TASKS[task].positional, overrides)
         notes: list[str] = []
@@ -214,12 +213,6 @@ def task_help(task: str, route: routes.Route, overrides: list[str]) -> str:
                   for g in sorted(hydra.list_all_config_groups()) if not g.startswith("hydra")}
     plain = OmegaConf.to_container(cfg, resolve=False)
     return keyhelp.render(task, plain, groups, TASKS[task].description)
-
-
-def validate(task: str, module, cfg) -> None:
-    """Every check of a job's config: schema and rules (torch-free), then the task's own
-    (its environment). ``module``: the task's module (kept for callers; the stages find it)."""
-    config.validate(task, cfg, environment=True)
 
 
 class _StopRequested(BaseException):
@@ -307,7 +300,7 @@ def validate_overrides(task: str, overrides: list[str], multirun: bool,
     from omegaconf.errors import OmegaConfBaseException
 
     config_name = route.config_name if route is not None else task
-    once.forget()
+    once.forget()   # a new command: what an earlier one in this process checked does not count
     with routes.initialize(route):
         try:
             parsed = OverridesParser.create().parse_overrides(overrides)

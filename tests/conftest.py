@@ -112,10 +112,9 @@ def flat_grads(stack, x):
 def validate_job(task: str, cfg) -> None:
     """Every check `rode <task>` runs on a job's config before anything is written: the
     schema and rules, then the task's own checks (as runner.cli does)."""
-    from runner.cli import validate
-    from runner.tasks import load_task
+    from runner import config
 
-    validate(task, load_task(task), cfg)
+    config.validate(task, cfg, environment=True)
 
 
 # A run that checkpoints, stops and resumes quickly: 1600 training examples, batch 64,
