@@ -11,7 +11,7 @@ from .gradmodes import get_grad_mode
 from .inits import INITS
 from .integrators import get_integrator
 from .resnet import build_resnet
-from .stack import ResidualStack, ResNet, set_alpha  # noqa: F401  (ResNet: models.ResNet)
+from .stack import ResidualStack, ResNet, set_alpha
 from .transformer import build_transformer
 
 # ------------------------------------------------------------ residual functions
