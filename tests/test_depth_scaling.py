@@ -40,11 +40,13 @@ def test_depth_step_is_the_one_formula():
 @pytest.mark.parametrize("task, args", [
     ("train", ["depth=4", "epochs=1", "method=heun", "grad=adjoint", *TINY]),
     ("gradcheck", ["depth=4", "batch_size=8", *DATA]),
-    ("memory", ["depths=[4]", "grads=[adjoint]", "steps=1", "batch_size=8", *TINY]),
+    pytest.param("memory", ["depths=[4]", "grads=[adjoint]", "steps=1", "batch_size=8", *TINY],
+                 marks=pytest.mark.slow),
     ("bench", ["depths=[4]", "methods=[euler]", "contenders=[backprop,adjoint]", "width=8",
                "batch_size=8", "repeats=1", "warmup=0", "memory=false", "progress=false"]),
-    ("discretization", ["depths=[4]", "cases=[tanh]", "weights=[smooth]", "methods=[euler]",
-                        "trials=1", "ref_steps=64", "progress=false"]),
+    pytest.param("discretization", ["depths=[4]", "cases=[tanh]", "weights=[smooth]",
+                                    "methods=[euler]", "trials=1", "ref_steps=64", "progress=false"],
+                 marks=pytest.mark.slow),
 ])
 def test_alpha_reaches_the_stack_of_every_task(rode_cli, tmp_path, steps_seen, task, args):
     r = rode_cli(task, "alpha=0.5", *args, f"hydra.run.dir={tmp_path / 'run'}")
@@ -54,6 +56,7 @@ def test_alpha_reaches_the_stack_of_every_task(rode_cli, tmp_path, steps_seen, t
         assert alpha == 0.5 and h == pytest.approx(depth ** -0.5), (task, depth, h)
 
 
+@pytest.mark.slow
 def test_finetune_keeps_the_checkpoints_alpha_at_the_new_depth(rode_cli, tmp_path, steps_seen):
     run = tmp_path / "run"
     assert rode_cli("train", "depth=4", "init=tied", "alpha=0.0", "epochs=1", *TINY,

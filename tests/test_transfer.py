@@ -69,6 +69,7 @@ def test_predictions_are_the_papers_rules(panel, slope):
     assert predicted_slope(panel) == pytest.approx(slope)
 
 
+@pytest.mark.slow
 def test_report_measures_where_weights_converge_on_a_real_depth_sweep(tmp_path):
     from runner.cli import main
     from runner.convergence import distances, pairs
