@@ -152,7 +152,12 @@ def main(argv: list[str] | None = None) -> None:
                 validate_overrides(task, overrides, route.multirun, route)
         for note in notes:
             print(note, file=sys.stderr)
-        _run_hydra_app(task, flags + overrides + _worker_overrides())
+        # Hydra writes .hydra/ into a job's dir before the job's own check of that dir
+        # can run: a task that writes runs writes it itself, after the check.
+        later = (route.output_subdir if TASKS[task].writes_runs and not route.only_prints
+                 and not _worker_overrides() else None)
+        _run_hydra_app(task, flags + overrides + _worker_overrides()
+                       + ([routes.NO_HYDRA_DIR] if later is not None else []), later)
     except routes.AlreadyFinished as done:   # resume=auto on a finished run: nothing to do
         print(f"rode {task}: {done}", flush=True)
     except KeyboardInterrupt:   # Ctrl-C before the run started (or between jobs)
@@ -237,7 +242,9 @@ def _worker_overrides() -> list[str]:
     return ["hydra.output_subdir=null", "hydra/job_logging=disabled"]
 
 
-def _run_hydra_app(task: str, argv: list[str]) -> None:
+def _run_hydra_app(task: str, argv: list[str], hydra_subdir: str | None = None) -> None:
+    """Run the task's Hydra app; ``hydra_subdir``: Hydra's output_subdir (.hydra), which
+    the app writes itself once each job's dir has passed its check."""
     import hydra
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
@@ -250,6 +257,8 @@ def _run_hydra_app(task: str, argv: list[str]) -> None:
         module = load_task(task)   # here: `rode <task> --help` need not import torch
         try:
             routes.check_job_dir(task, cfg, TASKS[task].writes_runs)
+            if hydra_subdir is not None:
+                routes.write_hydra_dir(cfg, hydra_subdir)
             # Only the stages the pre-flight did not already pass for this job's config
             # (a point a sweeper sampled, a job on another machine: every stage).
             config.validate(task, cfg, environment=True, skip=once.passed(once.job_key(task, cfg)))
@@ -328,6 +337,7 @@ def validate_overrides(task: str, overrides: list[str], multirun: bool,
         intervals = _float_intervals(parsed)   # for a hint when an integer key gets floats
         key, out_dir, jobs = ("hydra.sweep.dir" if multirun else "hydra.run.dir"), None, []
         keys: list[str] = []   # each job's runner.once key, taken before anything changes it
+        job_dirs: list[str | None] = []   # a sweep's job dirs, as its launcher makes them
         dir_error = None
         for combo in _combinations(axes):
             try:
@@ -339,6 +349,10 @@ def validate_overrides(task: str, overrides: list[str], multirun: bool,
                 out_dir = out_dir or OmegaConf.select(cfg, key, default=None)
             except OmegaConfBaseException as e:
                 dir_error = e   # the dir depends on a value validate() may report as missing
+            if route is not None and not jobs:
+                route.output_subdir = OmegaConf.select(cfg, "hydra.output_subdir", default=None)
+            if multirun:
+                job_dirs.append(routes.sweep_job_dir(cfg, len(jobs)))
             space = _parse_space(cfg)
             searched = _search_points({**_search_space(space), **more_space})
             with open_dict(cfg):
@@ -373,6 +387,8 @@ def validate_overrides(task: str, overrides: list[str], multirun: bool,
             resuming = bool(jobs and jobs[0].get("resume")) and not auto
             if TASKS[task].writes_runs and not resuming:
                 rundir.check_fresh(out_dir, key, multirun, auto=auto)
+                if not auto:
+                    routes.check_sweep_job_dirs(job_dirs)
             if auto and not multirun:
                 routes.check_not_finished(task, out_dir)
 

@@ -76,6 +76,9 @@ class Route:
     args: argparse.Namespace
     overrides: list[str] = field(default_factory=list)
     multirun: bool = False
+    # hydra.output_subdir as the config sets it (read by the pre-flight): rode writes
+    # it into each job's dir itself, once the dir has passed its check
+    output_subdir: str | None = None
 
     @property
     def only_prints(self) -> bool:
@@ -233,6 +236,70 @@ def check_job_dir(task: str, cfg, writes_runs: bool) -> None:
     if found is not None:
         raise ConfigError(f"out_dir={out_dir} already holds results ({found.name}); "
                           f"nothing was overwritten: choose another dir")
+
+
+# Added to the command line of a task that writes runs: Hydra writes no .hydra/ before
+# the job starts; write_hydra_dir writes it once the job's dir has passed its check.
+NO_HYDRA_DIR = "hydra.output_subdir=null"
+
+
+def write_hydra_dir(cfg, subdir: str) -> None:
+    """What Hydra writes into ``<job dir>/<subdir>`` (config.yaml, hydra.yaml,
+    overrides.yaml), as Hydra writes it, but only now that the job's dir is known not to
+    hold another run: Hydra writes it before any code of the job runs."""
+    import copy
+
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf, open_dict, read_write
+
+    hydra_cfg = copy.deepcopy(HydraConfig.instance().cfg)
+    with read_write(hydra_cfg.hydra), open_dict(hydra_cfg.hydra):
+        hydra_cfg.hydra.output_subdir = subdir   # as if NO_HYDRA_DIR had not been added
+        words = list(hydra_cfg.hydra.overrides.hydra)
+        if NO_HYDRA_DIR in words:
+            del words[len(words) - 1 - words[::-1].index(NO_HYDRA_DIR)]
+        hydra_cfg.hydra.overrides.hydra = words
+    out = Path(hydra_cfg.hydra.runtime.output_dir) / subdir
+    out.mkdir(parents=True, exist_ok=True)
+    for name, node in (("config.yaml", cfg), ("hydra.yaml", hydra_cfg),
+                       ("overrides.yaml", hydra_cfg.hydra.overrides.task)):
+        with open(out / name, "w", encoding="utf-8") as f:
+            f.write(OmegaConf.to_yaml(node))
+
+
+def sweep_job_dir(cfg, num: int) -> str | None:
+    """A sweep job's dir as Hydra's launcher makes it: hydra.sweep.dir joined with
+    hydra.sweep.subdir, evaluated with hydra.job.num (and .id) = the job's index
+    (``${hydra.job.override_dirname}`` is the job's own); None if it cannot be told."""
+    from omegaconf import OmegaConf, open_dict, read_write
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with read_write(cfg.hydra.job), open_dict(cfg.hydra.job):
+            cfg.hydra.job.num = num
+            cfg.hydra.job.id = num
+        sweep_dir = OmegaConf.select(cfg, "hydra.sweep.dir", default=None)
+        subdir = OmegaConf.select(cfg, "hydra.sweep.subdir", default=None)
+    except OmegaConfBaseException:
+        return None   # a value only the launcher knows: checked when the job starts
+    if sweep_dir is None:
+        return None
+    return os.path.join(str(sweep_dir), str(subdir)) if subdir is not None else str(sweep_dir)
+
+
+def check_sweep_job_dirs(job_dirs: list) -> None:
+    """Each sweep job's own dir (``hydra.sweep.subdir`` may point anywhere, even into
+    a finished run) must hold no run's results: checked before Hydra writes anything."""
+    from . import rundir
+
+    for num, path in enumerate(job_dirs):
+        if path is None:
+            continue
+        found = rundir.results_in(Path(path).expanduser())
+        if found is not None:
+            raise ConfigError(f"hydra.sweep.subdir: job {num}'s dir {path} already holds a run "
+                              f"({found.name}); nothing was written: choose another "
+                              f"hydra.sweep.dir / hydra.sweep.subdir")
 
 
 class AlreadyFinished(Exception):

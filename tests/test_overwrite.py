@@ -149,15 +149,51 @@ def test_an_early_stopped_run_is_finished(runs, rode_cli):
     assert digest(runs) == before
 
 
-def test_a_job_dir_is_checked_when_the_job_starts(runs, rode_cli, tripwire, tmp_path):
-    """A dir the command line cannot predict (here a sweep subdir pointing into a
-    finished run; a sweeper's or a remote launcher's job dir alike) is checked inside
-    the job, before the task writes: its results stay byte for byte."""
+def test_a_sweep_job_dir_at_a_finished_run_is_refused_before_hydra_writes(runs, rode_cli,
+                                                                          tripwire, tmp_path):
+    """hydra.sweep.subdir pointing into a finished run (as a path, or through
+    ${hydra.job.num} / ${hydra.job.override_dirname}): refused by the pre-flight, which
+    computes each job's dir as the launcher will, before Hydra writes .hydra/ there."""
     tripwire("train")
-    results = {k: v for k, v in digest(runs / "other").items() if not k.startswith(".hydra")
-               and not k.endswith(".log")}
+    before = digest(runs)
+    for subdir in (runs / "other", "${hydra.job.override_dirname}"):
+        sweep_dir = tmp_path / "fresh" if subdir != "${hydra.job.override_dirname}" \
+            else runs / "sweep"
+        words = ["depth=2"] if sweep_dir == tmp_path / "fresh" else ["depth=2,3"]
+        r = rode_cli("-m", "train", *words, f"hydra.sweep.dir={sweep_dir}",
+                     f"hydra.sweep.subdir={subdir}")
+        refused(r, "already holds")
+        assert digest(runs) == before
+    assert not (tmp_path / "fresh").exists()
+
+
+def test_a_job_dir_is_checked_when_the_job_starts(runs, rode_cli, tripwire, tmp_path,
+                                                  monkeypatch):
+    """A dir the command line cannot predict (a sweeper's or a remote launcher's job dir;
+    here the pre-flight is told it cannot) is checked inside the job, before anything
+    is written there: Hydra's .hydra/ too, which rode writes only after the check."""
+    from runner import routes
+
+    tripwire("train")
+    monkeypatch.setattr(routes, "sweep_job_dir", lambda cfg, num: None)
+    before = digest(runs / "other")
     r = rode_cli("-m", "train", "depth=2", f"hydra.sweep.dir={tmp_path / 'fresh'}",
                  f"hydra.sweep.subdir={runs / 'other'}")
-    assert r.code != 0 and "already holds results" in r.err, r.err[-2000:]
-    after = digest(runs / "other")
-    assert {k: after[k] for k in results} == results
+    assert r.code == 2 and "already holds results" in r.err, r.err[-2000:]
+    assert "Traceback" not in r.err
+    assert digest(runs / "other") == before
+
+
+def test_hydra_writes_its_config_as_before(rode_cli, tmp_path):
+    """.hydra/ written by rode after the job's check is Hydra's own: the overrides as
+    given, output_subdir as configured (not the null rode passes to Hydra)."""
+    import yaml
+
+    r = rode_cli("train", *RUN, "threads=1", f"hydra.run.dir={tmp_path / 'run'}")
+    assert r.code == 0, r.err
+    hydra_dir = tmp_path / "run" / ".hydra"
+    hydra = yaml.safe_load((hydra_dir / "hydra.yaml").read_text())["hydra"]
+    assert hydra["output_subdir"] == ".hydra"
+    assert not any("output_subdir" in w for w in hydra["overrides"]["hydra"])
+    assert yaml.safe_load((hydra_dir / "overrides.yaml").read_text()) == [*RUN, "threads=1"]
+    assert yaml.safe_load((hydra_dir / "config.yaml").read_text())["depth"] == 2
