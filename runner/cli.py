@@ -166,6 +166,8 @@ def main(argv: list[str] | None = None) -> None:
         _die(str(stop.error), stop.error.exit_code, task)
     except RodeError as e:
         _die(str(e), e.exit_code, task)
+    except OSError as e:   # outside a job: Hydra's sweep dir, multirun.yaml
+        _die(rundir.os_error_message(e), 1, task)
     except Exception as e:  # Hydra's own composition / parse errors: still one line
         from hydra.errors import HydraException
         if isinstance(e, HydraException):

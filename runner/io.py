@@ -4,6 +4,10 @@ output shares (log-log slopes, byte sizes, configs as plain data).
 A file is written to a temporary file beside its target, flushed to disk, then
 renamed over it (rename is atomic on POSIX): a reader, or a run killed at any
 moment, sees the previous file or the new one, never half of one.
+
+Every result file (JSON, CSV, text, metrics.jsonl lines, checkpoints, figures) is
+written through :func:`atomic_open` or :func:`append_jsonl`, so that a failed write
+(a full disk, a quota, a read-only or lost mount) always names its file.
 """
 from __future__ import annotations
 
@@ -20,16 +24,30 @@ from omegaconf import OmegaConf
 
 # ------------------------------------------------------------------- write
 @contextlib.contextmanager
+def naming(path) -> Iterator[None]:
+    """An OSError raised within the block names ``path`` if it names no file: a failed
+    ``write``, ``flush`` or ``fsync`` (ENOSPC, EDQUOT, EIO) carries no file name, and
+    would say only 'no space left on device'."""
+    try:
+        yield
+    except OSError as e:
+        if not e.filename:
+            e.filename = str(path)
+        raise
+
+
+@contextlib.contextmanager
 def atomic_open(path, mode: str = "w", **kwargs) -> Iterator[IO]:
     """``open`` for writing that replaces ``path`` only once the block has finished."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, mode, **kwargs) as f:
+        with naming(path), open(tmp, mode, **kwargs) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with naming(path):
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -61,8 +79,9 @@ def write_csv(rows: Iterable[dict], path, fields: list[str] | None = None,
 
 def append_jsonl(record: dict, path) -> None:
     """Append one JSON line (the file is closed, hence flushed, at once)."""
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    line = json.dumps(record) + "\n"
+    with naming(path), open(path, "a") as f:
+        f.write(line)
 
 
 # -------------------------------------------------------------------- read

@@ -29,7 +29,7 @@ from matplotlib.colors import to_hex  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from .io import fit_slope  # noqa: E402
+from .io import atomic_open, fit_slope  # noqa: E402
 
 log = logging.getLogger("rode")
 
@@ -258,8 +258,11 @@ def _save(fig, path: Path) -> Path:
         log.warning("figure %s: %s", Path(path).name, "; ".join(found))
     # A 256-colour palette: line plots lose nothing visible and the file is ~4x smaller.
     image = Image.fromarray(np.asarray(fig.canvas.buffer_rgba())).convert("RGB")
-    image.quantize(256, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
+    image = image.quantize(256, method=Image.Quantize.MEDIANCUT)
     plt.close(fig)
+    with atomic_open(path, "wb") as f:   # a failed write names the figure
+        image.save(f, format=Image.registered_extensions().get(Path(path).suffix.lower(), "PNG"),
+                   optimize=True)
     return Path(path)
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError
+from .io import atomic_open, naming
 
 # Flags after which Hydra prints something and runs no job.
 _ONLY_PRINT = ("help", "hydra_help", "version", "cfg", "info", "shell_completion")
@@ -260,10 +261,11 @@ def write_hydra_dir(cfg, subdir: str) -> None:
             del words[len(words) - 1 - words[::-1].index(NO_HYDRA_DIR)]
         hydra_cfg.hydra.overrides.hydra = words
     out = Path(hydra_cfg.hydra.runtime.output_dir) / subdir
-    out.mkdir(parents=True, exist_ok=True)
+    with naming(out):
+        out.mkdir(parents=True, exist_ok=True)
     for name, node in (("config.yaml", cfg), ("hydra.yaml", hydra_cfg),
                        ("overrides.yaml", hydra_cfg.hydra.overrides.task)):
-        with open(out / name, "w", encoding="utf-8") as f:
+        with atomic_open(out / name, encoding="utf-8") as f:
             f.write(OmegaConf.to_yaml(node))
 
 

@@ -9,12 +9,11 @@ each hook's runs compared at their last common step (``hook_<name>_compare.png``
 """
 from __future__ import annotations
 
-import csv
 import json
 import math
 from pathlib import Path
 
-from ..io import read_jsonl
+from ..io import read_jsonl, write_csv
 from ..reporting import Job, factors, figure_suffixes, series_label, table
 from . import HOOKS
 
@@ -38,10 +37,7 @@ def hook_records(job: Job) -> dict[str, list[dict]]:
 
 
 def _write_csv(rows: list[dict], path: Path) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, path, list(rows[0]))
 
 
 def _value(v) -> float:
