@@ -6,8 +6,35 @@ runner built on it. The names below are imported on first use, so that
 """
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING
+# First, before anything else is imported: as the `rode` command, Ctrl-C while the
+# command is still importing is one line and exit 130, not a traceback.
+import os as _os
+import signal as _signal
+import sys as _sys
+
+
+def _interrupted_early(signum, frame):
+    """Ctrl-C before the command has started anything: one line; nothing was written."""
+    _os.write(2, b"rode: error: interrupted (Ctrl-C) before the run started; nothing was run\n")
+    _os._exit(128 + _signal.SIGINT)
+
+
+def _catch_early_interrupt() -> bool:
+    """Install :func:`_interrupted_early` for SIGINT, only for the `rode` command (not
+    when a program or a test imports rode, nor over a handler someone else set);
+    ``runner.cli.main`` puts Python's own handler back once everything is imported."""
+    argv0 = _sys.argv[0] if _sys.argv else ""
+    command = (_os.path.basename(argv0) == "rode"
+               or argv0.endswith(_os.path.join("runner", "__main__.py")))
+    if command and _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler:
+        _signal.signal(_signal.SIGINT, _interrupted_early)
+    return _signal.getsignal(_signal.SIGINT) is _interrupted_early
+
+
+_catch_early_interrupt()
+
+import importlib  # noqa: E402
+from typing import TYPE_CHECKING  # noqa: E402
 
 if TYPE_CHECKING:
     from .gradmodes import GRAD_MODES, Adjoint, Backprop

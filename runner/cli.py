@@ -11,20 +11,10 @@ import os
 import signal
 import sys
 
+from . import _catch_early_interrupt, _interrupted_early
 
-def _interrupted_early(signum, frame):
-    """Ctrl-C while the command is still importing: one line, not a traceback."""
-    os.write(2, b"rode: interrupted (Ctrl-C) before the run started; nothing was run\n")
-    os._exit(130)
-
-
-# Only as the `rode` command (not when a program or a test imports this module);
-# main() puts Python's own handler back once everything is imported.
-_EARLY = (os.path.basename(sys.argv[0]) == "rode"
-          or sys.argv[0].endswith(os.path.join("runner", "__main__.py"))) and \
-    signal.getsignal(signal.SIGINT) is signal.default_int_handler
-if _EARLY:
-    signal.signal(signal.SIGINT, _interrupted_early)
+# `python -m runner` imports the package before sys.argv[0] names runner/__main__.py
+_EARLY = _catch_early_interrupt()
 
 import contextlib  # noqa: E402
 import itertools  # noqa: E402
@@ -120,9 +110,14 @@ def _renamed_experiment(task: str, prefix: str, value: str, notes: list[str] | N
 
 
 def main(argv: list[str] | None = None) -> None:
+    try:
+        _main(argv)
+    except KeyboardInterrupt:   # at any moment no handler below covers: one line, no traceback
+        _die("interrupted (Ctrl-C) before the run started; nothing was run", 128 + signal.SIGINT)
+
+
+def _main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if _EARLY and signal.getsignal(signal.SIGINT) is _interrupted_early:
-        signal.signal(signal.SIGINT, signal.default_int_handler)   # main() handles it now
     task, flags, overrides = split_argv(argv)
     if "--version" in flags:
         print(version_text())
@@ -156,6 +151,11 @@ def main(argv: list[str] | None = None) -> None:
         # can run: a task that writes runs writes it itself, after the check.
         later = (route.output_subdir if TASKS[task].writes_runs and not route.only_prints
                  and not _worker_overrides() else None)
+        # Until here nothing was written: Ctrl-C ended the process with one line (an
+        # interrupt inside Hydra's or OmegaConf's code could surface as another error).
+        # From here on, the run's own handlers say what was kept.
+        if _EARLY and signal.getsignal(signal.SIGINT) is _interrupted_early:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         _run_hydra_app(task, flags + overrides + _worker_overrides()
                        + ([routes.NO_HYDRA_DIR] if later is not None else []), later)
     except routes.AlreadyFinished as done:   # resume=auto on a finished run: nothing to do
