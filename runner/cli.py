@@ -136,7 +136,7 @@ def _main(argv: list[str] | None = None) -> None:
         overrides = renamed_keys(task, overrides, notes)
         route = routes.read(task, flags, overrides)
         if "resume" in TASK_SCHEMAS[task].fields:
-            routes.check_resume_dir(overrides)
+            routes.check_resume_dir(overrides, task)
             overrides = rundir.prepare_resume(overrides, route.multirun)
         if route.args.help:   # the keys and the values each accepts, from the schema
             with routes.one_line_errors():
@@ -388,9 +388,9 @@ def validate_overrides(task: str, overrides: list[str], multirun: bool,
             config.check_writable_dir(out_dir, key)
             resuming = bool(jobs and jobs[0].get("resume")) and not auto
             if TASKS[task].writes_runs and not resuming:
-                rundir.check_fresh(out_dir, key, multirun, auto=auto)
+                rundir.check_fresh(out_dir, key, multirun, auto=auto, task=task)
                 if not auto:
-                    routes.check_sweep_job_dirs(job_dirs)
+                    routes.check_sweep_job_dirs(job_dirs, task)
             if auto and not multirun:
                 routes.check_not_finished(task, out_dir)
 

@@ -194,7 +194,7 @@ def check_out_dirs(task: str, jobs: list, writes_runs: bool) -> None:
             continue
         config.check_writable_dir(value, "out_dir")
         if writes_runs and not (cfg.get("resume") and cfg.get("resume") != "null"):
-            rundir.check_fresh(value, "out_dir", sweep=False)
+            rundir.check_fresh(value, "out_dir", sweep=False, task=task)
         seen.setdefault(str(Path(str(value)).expanduser().absolute()), []).append(cfg)
     if len(jobs) > 1 and any(len(v) > 1 for v in seen.values()):
         where = next(k for k, v in seen.items() if len(v) > 1)
@@ -202,7 +202,7 @@ def check_out_dirs(task: str, jobs: list, writes_runs: bool) -> None:
                           f"overwrite the last; leave out_dir out (one dir per job)")
 
 
-def check_resume_dir(overrides: list[str]) -> None:
+def check_resume_dir(overrides: list[str], task: str = "train") -> None:
     """``resume=<run> hydra.run.dir=<other dir>``: Hydra would write its .hydra/ and log
     there, so that dir must hold no finished run's results."""
     from . import rundir
@@ -217,7 +217,7 @@ def check_resume_dir(overrides: list[str]) -> None:
     except ConfigError:
         return   # reported by validation, in its own words
     if run_dir.absolute() != own.absolute():
-        rundir.check_fresh(run_dir, "hydra.run.dir", sweep=False)
+        rundir.check_fresh(run_dir, "hydra.run.dir", sweep=False, task=task)
 
 
 def check_job_dir(task: str, cfg, writes_runs: bool) -> None:
@@ -236,7 +236,7 @@ def check_job_dir(task: str, cfg, writes_runs: bool) -> None:
     found = rundir.results_in(Path(str(out_dir)))
     if found is not None:
         raise ConfigError(f"out_dir={out_dir} already holds results ({found.name}); "
-                          f"nothing was overwritten: choose another dir")
+                          + rundir.fresh_hint(task, "dir", out_dir))
 
 
 # Added to the command line of a task that writes runs: Hydra writes no .hydra/ before
@@ -289,7 +289,7 @@ def sweep_job_dir(cfg, num: int) -> str | None:
     return os.path.join(str(sweep_dir), str(subdir)) if subdir is not None else str(sweep_dir)
 
 
-def check_sweep_job_dirs(job_dirs: list) -> None:
+def check_sweep_job_dirs(job_dirs: list, task: str | None = None) -> None:
     """Each sweep job's own dir (``hydra.sweep.subdir`` may point anywhere, even into
     a finished run) must hold no run's results: checked before Hydra writes anything."""
     from . import rundir
@@ -299,9 +299,9 @@ def check_sweep_job_dirs(job_dirs: list) -> None:
             continue
         found = rundir.results_in(Path(path).expanduser())
         if found is not None:
+            hint = rundir.fresh_hint(task, "hydra.sweep.dir or hydra.sweep.subdir", path)
             raise ConfigError(f"hydra.sweep.subdir: job {num}'s dir {path} already holds a run "
-                              f"({found.name}); nothing was written: choose another "
-                              f"hydra.sweep.dir / hydra.sweep.subdir")
+                              f"({found.name}); {hint}")
 
 
 class AlreadyFinished(Exception):

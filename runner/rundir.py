@@ -58,22 +58,33 @@ def finished(run_dir) -> bool:
         return False
 
 
-def check_fresh(path, key: str, sweep: bool, auto: bool = False) -> None:
+def check_fresh(path, key: str, sweep: bool, auto: bool = False, task: str | None = None) -> None:
     """ConfigError if ``path`` already holds a run's results (a sweep dir: in any job dir).
     ``auto`` (resume=auto): a dir holding a checkpoint passes (that its config is the
     command's is checked when the checkpoint is read), and so does one holding no
-    summary (a run killed before its first checkpoint starts again)."""
+    summary (a run killed before its first checkpoint starts again). The refusal
+    suggests what ``task`` accepts: ``resume=`` only where its schema has it."""
     found = results_in(Path(str(path)).expanduser(), depth=3 if sweep else 0)
     if found is None:
         return
     if auto and (sweep or (found.parent / CHECKPOINT).is_file()
                  or not (found.parent / "summary.json").is_file()):
         return
-    what = "the jobs of an earlier sweep" if sweep else "a run"
-    hint = ("continue each job with rode train resume=<job dir>, or choose another dir" if sweep
-            else f"continue it with resume={path} (rode train), or choose another dir")
-    raise ConfigError(f"{key}={path} already holds {what} ({found.name} in {found.parent}); "
-                      f"{hint}")
+    raise ConfigError(f"{key}={path} already holds "
+                      f"{'the jobs of an earlier sweep' if sweep else 'a run'} "
+                      f"({found.name} in {found.parent}); {fresh_hint(task, key, path, sweep)}")
+
+
+def fresh_hint(task: str | None, key: str, path, sweep: bool = False) -> str:
+    """What to do instead of overwriting a run in ``path`` (given as ``key``): another
+    dir, or, for a task that can continue a run (its schema has ``resume``), that."""
+    from .schema import has_key
+
+    if task is None or not has_key(task, "resume"):
+        return f"nothing was overwritten: choose another {key}"
+    where = "<job dir>" if sweep else path
+    return (f"continue {'each job' if sweep else 'it'} with rode {task} resume={where}, "
+            f"or choose another {key}")
 
 
 def os_error_cause(e: OSError) -> str:

@@ -197,3 +197,35 @@ def test_hydra_writes_its_config_as_before(rode_cli, tmp_path):
     assert not any("output_subdir" in w for w in hydra["overrides"]["hydra"])
     assert yaml.safe_load((hydra_dir / "overrides.yaml").read_text()) == [*RUN, "threads=1"]
     assert yaml.safe_load((hydra_dir / "config.yaml").read_text())["depth"] == 2
+
+
+# What each task needs besides its defaults to pass every other check (finetune also
+# a checkpoint to start from, added in the test).
+TASK_ARGS = {"train": ["dataset=synthetic"], "gradcheck": ["dataset=synthetic"]}
+
+
+@pytest.mark.parametrize("route", ["hydra.run.dir", pytest.param("out_dir", marks=pytest.mark.slow),
+                                   pytest.param("sweep", marks=pytest.mark.slow)])
+def test_each_tasks_refusal_suggests_only_what_the_task_accepts(route, runs, rode_cli,
+                                                                tripwire, tmp_path):
+    """A dir holding results is refused for every task that writes runs; the hint names
+    resume= (with the task's own name) only for a task that has the key."""
+    from runner.schema import has_key
+    from runner.tasks import TASKS
+
+    for task, declared in TASKS.items():
+        if not declared.writes_runs:
+            continue
+        tripwire(task)
+        args = [*TASK_ARGS.get(task, [])]
+        if task == "finetune":
+            args.append(f"checkpoint={runs / 'run'}")
+        if route == "sweep":
+            r = rode_cli("-m", task, *args, f"hydra.sweep.dir={runs}")
+        else:
+            r = rode_cli(task, *args, f"{route}={runs / 'other'}")
+        refused(r, "already holds")
+        if has_key(task, "resume"):
+            assert f"rode {task} resume=" in r.err, r.err
+        else:
+            assert "resume" not in r.err and "choose another" in r.err, r.err
