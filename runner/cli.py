@@ -372,7 +372,8 @@ def validate_overrides(task: str, overrides: list[str], multirun: bool,
                 except HydraException as e:
                     raise ConfigError("hydra.sweeper.params: "
                                       + _hydra_message(e, searched_point, task)) from None
-                with _float_interval_hint({**intervals, **_float_intervals(space)}):
+                with _search_space_origin(space, parsed, overrides), \
+                        _float_interval_hint({**intervals, **_float_intervals(space)}):
                     config.validate(task, point)
         if out_dir is None and dir_error is not None:
             raise ConfigError(routes.omegaconf_message(dir_error))
@@ -428,6 +429,33 @@ def _float_interval_hint(intervals: dict[str, str]):
             raise
         raise ConfigError(f"{message}; interval() samples floats: for integers write "
                           f"'{key}=int({intervals[key]})'") from None
+
+
+@contextlib.contextmanager
+def _search_space_origin(space: list, parsed, overrides: list[str]):
+    """A value of a sweeper's search space refused: say that it came from the search
+    space, where that was written (the command line, or the hparams_search config),
+    and the whole space of that key. ``space``: the config's search space, parsed."""
+    try:
+        yield
+    except ConfigError as e:
+        message = str(e)
+        prefix = "hydra.sweeper.params."
+        given = {o.key_or_group[len(prefix):]: o.input_line for o in parsed
+                 if o.key_or_group.startswith(prefix)}
+        configured = {o.get_key_element(): o.input_line.split("=", 1)[1] for o in space}
+        key = next((k for k in sorted({*given, *configured}, key=len, reverse=True)
+                    if message.startswith((f"{k}=", f"{k}:", f"{k} "))), None)
+        if key is None:
+            raise
+        if key in given:
+            where = f"{given[key]} on the command line"
+        else:
+            chosen = next((w.lstrip("+") for w in overrides
+                           if w.lstrip("+").startswith("hparams_search=")), None)
+            source = f"the {chosen} config" if chosen else "the config"
+            where = f"{prefix}{key}: {configured[key]} in {source}"
+        raise ConfigError(f"{message} (a value of the sweeper's search space, {where})") from None
 
 
 def _float_intervals(overrides) -> dict[str, str]:

@@ -352,3 +352,28 @@ def test_multirun_routes(files, tmp_path, monkeypatch, capsys):
 def test_experimental_rerun_is_refused(files, tmp_path, monkeypatch, capsys):
     check("train", ["depth=4"], ["--experimental-rerun"], files, tmp_path, monkeypatch, capsys,
           ["--experimental-rerun", str(files["root"] / "config.pickle")])
+
+
+def test_a_refused_search_space_value_says_where_the_space_came_from(rode_cli, tmp_path):
+    """A value a sweeper's search space gives a key that cannot take it: the one line
+    names the value and what the key accepts, that it came from the search space, and
+    where that was written (the command line, or the hparams_search config)."""
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    sweep = f"hydra.sweep.dir={tmp_path / 's'}"
+    r = rode_cli("-m", "train", "hparams_search=optuna",
+                 "hydra.sweeper.params.depth=choice(4,0,-3)", sweep)
+    assert r.code == 2 and len(r.err.splitlines()) == 1, r.err
+    assert "depth=0" in r.err and "[1, 100000]" in r.err
+    assert "search space, hydra.sweeper.params.depth=choice(4,0,-3) on the command line" in r.err
+
+    # the same space in an hparams_search config of the user's (--config-dir)
+    conf = tmp_path / "conf" / "hparams_search"
+    conf.mkdir(parents=True)
+    (conf / "mine.yaml").write_text((Path(CONF) / "hparams_search" / "optuna.yaml").read_text()
+                                    .replace("choice(euler, heun)", "choice(euler, nope)"))
+    r = rode_cli("-m", "train", "--config-dir", tmp_path / "conf", "hparams_search=mine", sweep)
+    assert r.code == 2 and len(r.err.splitlines()) == 1, r.err
+    assert "method='nope'" in r.err and "choose from euler, heun" in r.err
+    assert ("hydra.sweeper.params.method: choice(euler, nope) in the hparams_search=mine config"
+            in r.err)
+    assert not (tmp_path / "s").exists()
