@@ -170,8 +170,11 @@ def _main(argv: list[str] | None = None) -> None:
         _die(rundir.os_error_message(e), 1, task)
     except Exception as e:  # Hydra's own composition / parse errors: still one line
         from hydra.errors import HydraException
+        from omegaconf.errors import OmegaConfBaseException
         if isinstance(e, HydraException):
             _die(_hydra_message(e, overrides, task), 2, task)
+        if isinstance(e, OmegaConfBaseException):   # a ${...} only Hydra's launcher resolves
+            _die(routes.omegaconf_message(e), 2, task)
         raise
 
 
@@ -387,6 +390,8 @@ def validate_overrides(task: str, overrides: list[str], multirun: bool,
         routes.check_out_dirs(task, jobs, TASKS[task].writes_runs)
         if out_dir is not None:   # last: a bad value elsewhere creates nothing
             config.check_writable_dir(out_dir, key)
+            for job_dir in dict.fromkeys(d for d in job_dirs if d is not None):
+                config.check_writable_dir(job_dir, "hydra.sweep.subdir")
             resuming = bool(jobs and jobs[0].get("resume")) and not auto
             if TASKS[task].writes_runs and not resuming:
                 rundir.check_fresh(out_dir, key, multirun, auto=auto, task=task)

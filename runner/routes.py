@@ -272,7 +272,7 @@ def write_hydra_dir(cfg, subdir: str) -> None:
 def sweep_job_dir(cfg, num: int) -> str | None:
     """A sweep job's dir as Hydra's launcher makes it: hydra.sweep.dir joined with
     hydra.sweep.subdir, evaluated with hydra.job.num (and .id) = the job's index
-    (``${hydra.job.override_dirname}`` is the job's own); None if it cannot be told."""
+    (``${hydra.job.override_dirname}`` is the job's own); None without a sweep dir."""
     from omegaconf import OmegaConf, open_dict, read_write
     from omegaconf.errors import OmegaConfBaseException
 
@@ -282,8 +282,10 @@ def sweep_job_dir(cfg, num: int) -> str | None:
             cfg.hydra.job.id = num
         sweep_dir = OmegaConf.select(cfg, "hydra.sweep.dir", default=None)
         subdir = OmegaConf.select(cfg, "hydra.sweep.subdir", default=None)
-    except OmegaConfBaseException:
-        return None   # a value only the launcher knows: checked when the job starts
+    except OmegaConfBaseException as e:
+        # with the job's number set, the launcher would fail the same way, after
+        # writing the sweep dir's multirun.yaml
+        raise ConfigError(omegaconf_message(e)) from None
     if sweep_dir is None:
         return None
     return os.path.join(str(sweep_dir), str(subdir)) if subdir is not None else str(sweep_dir)

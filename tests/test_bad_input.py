@@ -377,3 +377,17 @@ def test_a_refused_search_space_value_says_where_the_space_came_from(rode_cli, t
     assert ("hydra.sweeper.params.method: choice(euler, nope) in the hparams_search=mine config"
             in r.err)
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("subdir,words", [("${oops}", ["hydra.sweep.subdir", "oops"]),
+                                          ("/dev/null/x", ["hydra.sweep.subdir=/dev/null/x",
+                                                           "cannot create"])])
+def test_a_sweep_job_dir_that_cannot_be_made_is_refused_before_anything_is_written(
+        rode_cli, tmp_path, subdir, words):
+    """Each job's dir (hydra.sweep.dir/hydra.sweep.subdir, as the launcher makes it) is
+    checked by the pre-flight: exit 2, one line, not even the sweep's multirun.yaml."""
+    r = rode_cli("-m", "train", "depth=2", f"hydra.sweep.dir={tmp_path / 's'}",
+                 f"hydra.sweep.subdir={subdir}")
+    assert r.code == 2 and len(r.err.strip().splitlines()) == 1, r.err[-2000:]
+    assert all(w in r.err for w in words), r.err
+    assert not (tmp_path / "s").exists()
