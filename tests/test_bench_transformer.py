@@ -1,0 +1,127 @@
+"""rode bench model=transformer (every contender, through the real CLI), bench's model.*
+keys and their old names, and bench.csv's batch_size column (older files: batch)."""
+import csv
+import json
+import shutil
+
+import pytest
+
+from runner.cli import renamed_keys
+
+# Every contender of the transformer benchmark, on every method that has an exact adjoint.
+TINY = ["model=transformer", "model.heads=2", "width=8", "tokens=4", "batch_size=3",
+        "warmup=0", "repeats=1", "memory=false", "progress=false", "threads=1"]
+CONTENDERS = ["plain", "backprop", "adjoint", "adjoint_shared", "checkpoint"]
+METHODS = ["euler", "rev_heun", "momentum", "coupled"]
+
+
+def rows_of(run):
+    with open(run / "bench.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_bench_transformer_runs_every_contender_with_exact_gradients(rode_cli, tmp_path):
+    run = tmp_path / "run"
+    r = rode_cli("bench", *TINY, "depths=[2,4]", f"methods=[{','.join(METHODS)}]",
+                 f"contenders=[{','.join(CONTENDERS)}]", "dtype=float64", f"hydra.run.dir={run}")
+    assert r.code == 0, r.err[-2000:]
+    rows = rows_of(run)
+    seen = {(x["method"], int(x["depth"]), x["contender"]) for x in rows}
+    plain_only_euler = {(m, d, c) for m in METHODS for d in (2, 4) for c in CONTENDERS
+                        if c != "plain" or m == "euler"}
+    assert seen == plain_only_euler
+    for x in rows:
+        assert x["model"] == "transformer" and x["tokens"] == "4" and x["batch_size"] == "3"
+        assert float(x["seconds_per_step"]) > 0
+        error = float(x["grad_rel_error"])
+        exact = x["contender"] in ("plain", "backprop", "checkpoint") or x["method"] != "euler"
+        if exact:   # the reversible schemes' adjoint included: rounding level in float64
+            assert error < 1e-10, x
+        else:       # Euler's adjoint rebuilds x_n approximately
+            assert 1e-6 < error < 0.5, x
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["config"]["model"]["name"] == "transformer"
+    # rev_heun has no plain loop: its time is compared with the plain Euler loop's
+    plain = {int(x["depth"]): float(x["seconds_per_step"]) for x in rows
+             if x["contender"] == "plain"}
+    rev = {int(x["depth"]): float(x["seconds_per_step"]) for x in rows
+           if x["contender"] == "adjoint" and x["method"] == "rev_heun"}
+    assert summary["ratios"]["rev_heun"]["time_vs_plain"]["adjoint"]["4"] == \
+        pytest.approx(rev[4] / plain[4])
+
+
+def test_sequential_blocks_take_a_full_step_each(rode_cli, tmp_path):
+    """block=sequential: attention and MLP as two functions per layer (2*depth of them);
+    every contender computes the same network, so exact ones agree with backprop."""
+    run = tmp_path / "run"
+    r = rode_cli("bench", *TINY, "model.block=sequential", "depths=[3]", "methods=[euler,coupled]",
+                 "contenders=[plain,backprop,checkpoint,adjoint]", "dtype=float64",
+                 f"hydra.run.dir={run}")
+    assert r.code == 0, r.err[-2000:]
+    rows = rows_of(run)
+    assert {x["steps"] for x in rows if x["method"] == "euler"} == {"6"}
+    for x in rows:
+        if x["contender"] != "adjoint" or x["method"] == "coupled":
+            assert float(x["grad_rel_error"]) < 1e-10, x
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["model=transformer", "model.heads=3"], ["model.heads=3", "width=64"]),
+    (["model=conv"], ["model", "mlp, transformer"]),
+    (["model=transformer", "model.block=nope"], ["model.block", "parallel, sequential"]),
+    (["model=transformer", "tokens=0"], ["tokens"]),
+    (["model=transformer", "model.dropout=1.5"], ["model.dropout"]),
+    (["model=transformer", "depths=[3]", "methods=[coupled]"], ["depths=3", "method=coupled"]),
+    (["model=transformer", "model.mlp_ratio=0"], ["model.mlp_ratio"]),
+    (["model=transformer", "activation=relu"], ["model.activation"]),
+    (["model.activation=sigmoid"], ["model.activation", "relu, tanh, gelu"]),
+])
+def test_bad_model_values_are_one_line(rode_cli, tmp_path, overrides, words):
+    r = rode_cli("bench", *overrides, f"hydra.run.dir={tmp_path / 'run'}")
+    lines = r.err.strip().splitlines()
+    assert r.code == 2 and len(lines) == 1, r.err
+    for word in words:
+        assert word in lines[0], lines[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_hidden_and_activation_are_old_names_of_model_keys(rode_cli, tmp_path):
+    notes = []
+    assert renamed_keys("bench", ["hidden=8", "activation=relu"], notes) == \
+        ["model.hidden=8", "model.activation=relu"]
+    assert "hidden= is now model.hidden=" in notes[0]
+    run = tmp_path / "run"
+    r = rode_cli("bench", "hidden=5", "activation=relu", "depths=[2]", "methods=[euler]",
+                 "contenders=[backprop]", "width=4", "batch_size=3", "warmup=0", "repeats=1",
+                 "memory=false", "progress=false", "threads=1", f"hydra.run.dir={run}")
+    assert r.code == 0, r.err[-2000:]
+    assert "activation= is now model.activation=" in r.err
+    config = json.loads((run / "summary.json").read_text())["config"]
+    assert config["model"] == {"name": "mlp", "hidden": 5, "activation": "relu"}
+    assert "hidden" not in config and "activation" not in config
+    # bench's own default: tanh (train's model.activation is relu)
+    default = tmp_path / "default"
+    assert rode_cli("bench", "depths=[2]", "methods=[euler]", "contenders=[backprop]", "width=4",
+                    "batch_size=3", "warmup=0", "repeats=1", "memory=false", "progress=false",
+                    "threads=1", f"hydra.run.dir={default}").code == 0
+    assert json.loads((default / "summary.json").read_text())["config"]["model"]["activation"] == "tanh"
+    assert rows_of(default)[0]["batch_size"] == "3"
+
+
+def test_report_reads_bench_csv_with_the_old_batch_column(rode_cli, tmp_path):
+    sweep = tmp_path / "sweep"
+    new = sweep / "new"
+    assert rode_cli("bench", "depths=[2]", "methods=[euler]", "contenders=[backprop,adjoint]",
+                    "width=4", "batch_size=7", "warmup=0", "repeats=1", "memory=false",
+                    "progress=false", "threads=1", f"hydra.run.dir={new}").code == 0
+    old = sweep / "old"
+    shutil.copytree(new, old)
+    text = (old / "bench.csv").read_text()
+    assert text.startswith("depth,contender,method,width,batch_size,")
+    (old / "bench.csv").write_text(text.replace(",batch_size,", ",batch,", 1))
+    r = rode_cli("report", str(sweep))
+    assert r.code == 0, r.err[-2000:]
+    section = (sweep / "report.md").read_text().split("(`rode bench`)")[1].split("\n## ")[0]
+    rows = [line for line in section.splitlines() if line.startswith("| backprop")
+            or line.startswith("| adjoint")]
+    assert len(rows) == 4 and all("| 7 |" in line for line in rows), section
