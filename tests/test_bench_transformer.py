@@ -2,10 +2,10 @@
 keys and their old names, and bench.csv's batch_size column (older files: batch)."""
 import csv
 import json
-import shutil
 
 import pytest
 
+from conftest import compose_config
 from runner.cli import renamed_keys
 
 # Every contender of the transformer benchmark, on every method that has an exact adjoint.
@@ -22,12 +22,12 @@ def rows_of(run):
 
 def test_bench_transformer_runs_every_contender_with_exact_gradients(rode_cli, tmp_path):
     run = tmp_path / "run"
-    r = rode_cli("bench", *TINY, "depths=[2,4]", f"methods=[{','.join(METHODS)}]",
+    r = rode_cli("bench", *TINY, "depths=[2]", f"methods=[{','.join(METHODS)}]",
                  f"contenders=[{','.join(CONTENDERS)}]", "dtype=float64", f"hydra.run.dir={run}")
     assert r.code == 0, r.err[-2000:]
     rows = rows_of(run)
     seen = {(x["method"], int(x["depth"]), x["contender"]) for x in rows}
-    plain_only_euler = {(m, d, c) for m in METHODS for d in (2, 4) for c in CONTENDERS
+    plain_only_euler = {(m, d, c) for m in METHODS for d in (2,) for c in CONTENDERS
                         if c != "plain" or m == "euler"}
     assert seen == plain_only_euler
     for x in rows:
@@ -46,11 +46,41 @@ def test_bench_transformer_runs_every_contender_with_exact_gradients(rode_cli, t
              if x["contender"] == "plain"}
     rev = {int(x["depth"]): float(x["seconds_per_step"]) for x in rows
            if x["contender"] == "adjoint" and x["method"] == "rev_heun"}
-    assert summary["ratios"]["rev_heun"]["time_vs_plain"]["adjoint"]["4"] == \
-        pytest.approx(rev[4] / plain[4])
+    assert summary["ratios"]["rev_heun"]["time_vs_plain"]["adjoint"]["2"] == \
+        pytest.approx(rev[2] / plain[2])
 
 
-def test_sequential_blocks_take_a_full_step_each(rode_cli, tmp_path):
+def test_bench_builds_the_blocks_and_step_of_rode_train():
+    """The same residual functions and step 1/depth as build_transformer (sequential:
+    two functions per layer, each a full step)."""
+    import torch
+
+    from runner.tasks.bench import build, make_problem
+    from runner.transformer import build_transformer
+
+    spec = {"method": "euler", "depth": 3, "width": 8, "batch": 2, "init": "smooth",
+            "dtype": "float64", "device": "cpu", "seed": 0, "threads": 1, "compile": False,
+            "model": "transformer", "tokens": 4, "heads": 2, "mlp_ratio": 2.0,
+            "dropout": 0.0, "block": "sequential"}
+    functions, params, x0, _ = make_problem(spec)
+    assert x0.shape == (2, 4, 8) and len(functions) == 6
+    torch.manual_seed(0)
+    net = build_transformer([8], 5, depth=3, width=8, init="smooth", method="euler",
+                            grad="backprop", block="sequential", heads=2, mlp_ratio=2.0)
+    stack = net.stack.double()
+    assert [type(f) for f in stack.functions] == [type(f) for f in functions]
+    for name in ["plain", "backprop", "checkpoint", "adjoint"]:
+        model = build(name, functions, spec)
+        assert getattr(model, "h", None) in (None, stack.step_size), name
+    for f, g in zip(stack.functions, functions, strict=True):
+        g.load_state_dict(f.state_dict())
+    expected = stack(x0)
+    for name in ["plain", "backprop", "checkpoint", "adjoint"]:
+        assert torch.allclose(build(name, functions, spec)(x0), expected, atol=1e-12), name
+
+
+@pytest.mark.slow
+def test_sequential_blocks_through_the_cli(rode_cli, tmp_path):
     """block=sequential: attention and MLP as two functions per layer (2*depth of them);
     every contender computes the same network, so exact ones agree with backprop."""
     run = tmp_path / "run"
@@ -65,16 +95,20 @@ def test_sequential_blocks_take_a_full_step_each(rode_cli, tmp_path):
             assert float(x["grad_rel_error"]) < 1e-10, x
 
 
+def slow(*case):
+    return pytest.param(*case, marks=pytest.mark.slow)
+
+
 @pytest.mark.parametrize("overrides, words", [
     (["model=transformer", "model.heads=3"], ["model.heads=3", "width=64"]),
     (["model=conv"], ["model", "mlp, transformer"]),
-    (["model=transformer", "model.block=nope"], ["model.block", "parallel, sequential"]),
-    (["model=transformer", "tokens=0"], ["tokens"]),
-    (["model=transformer", "model.dropout=1.5"], ["model.dropout"]),
     (["model=transformer", "depths=[3]", "methods=[coupled]"], ["depths=3", "method=coupled"]),
-    (["model=transformer", "model.mlp_ratio=0"], ["model.mlp_ratio"]),
-    (["model=transformer", "activation=relu"], ["model.activation"]),
-    (["model.activation=sigmoid"], ["model.activation", "relu, tanh, gelu"]),
+    slow(["model=transformer", "model.block=nope"], ["model.block", "parallel, sequential"]),
+    slow(["model=transformer", "tokens=0"], ["tokens"]),
+    slow(["model=transformer", "model.dropout=1.5"], ["model.dropout"]),
+    slow(["model=transformer", "model.mlp_ratio=0"], ["model.mlp_ratio"]),
+    slow(["model=transformer", "activation=relu"], ["model.activation"]),
+    slow(["model.activation=sigmoid"], ["model.activation", "relu, tanh, gelu"]),
 ])
 def test_bad_model_values_are_one_line(rode_cli, tmp_path, overrides, words):
     r = rode_cli("bench", *overrides, f"hydra.run.dir={tmp_path / 'run'}")
@@ -99,29 +133,29 @@ def test_hidden_and_activation_are_old_names_of_model_keys(rode_cli, tmp_path):
     config = json.loads((run / "summary.json").read_text())["config"]
     assert config["model"] == {"name": "mlp", "hidden": 5, "activation": "relu"}
     assert "hidden" not in config and "activation" not in config
-    # bench's own default: tanh (train's model.activation is relu)
-    default = tmp_path / "default"
-    assert rode_cli("bench", "depths=[2]", "methods=[euler]", "contenders=[backprop]", "width=4",
-                    "batch_size=3", "warmup=0", "repeats=1", "memory=false", "progress=false",
-                    "threads=1", f"hydra.run.dir={default}").code == 0
-    assert json.loads((default / "summary.json").read_text())["config"]["model"]["activation"] == "tanh"
-    assert rows_of(default)[0]["batch_size"] == "3"
+    # bench's own default: tanh (train's model.activation is relu); the CSV's batch_size
+    assert rows_of(run)[0]["batch_size"] == "3"
+    assert compose_config("bench", [], tmp_path).model.activation == "tanh"
+    assert compose_config("train", [], tmp_path).model.activation == "relu"
 
 
-def test_report_reads_bench_csv_with_the_old_batch_column(rode_cli, tmp_path):
-    sweep = tmp_path / "sweep"
-    new = sweep / "new"
-    assert rode_cli("bench", "depths=[2]", "methods=[euler]", "contenders=[backprop,adjoint]",
-                    "width=4", "batch_size=7", "warmup=0", "repeats=1", "memory=false",
-                    "progress=false", "threads=1", f"hydra.run.dir={new}").code == 0
-    old = sweep / "old"
-    shutil.copytree(new, old)
-    text = (old / "bench.csv").read_text()
-    assert text.startswith("depth,contender,method,width,batch_size,")
-    (old / "bench.csv").write_text(text.replace(",batch_size,", ",batch,", 1))
-    r = rode_cli("report", str(sweep))
-    assert r.code == 0, r.err[-2000:]
-    section = (sweep / "report.md").read_text().split("(`rode bench`)")[1].split("\n## ")[0]
-    rows = [line for line in section.splitlines() if line.startswith("| backprop")
-            or line.startswith("| adjoint")]
+def test_report_reads_bench_csv_with_the_old_batch_column(tmp_path):
+    """bench.csv files written before batch_size (column `batch`) still report their batch."""
+    from runner.io import write_csv
+    from runner.reporting import Job
+    from runner.tasks.bench import COLUMNS, report_section
+
+    jobs = []
+    for name, column in [("new", "batch_size"), ("old", "batch")]:
+        rows = [{"depth": 4, "contender": c, "method": "euler", "width": 8, column: 7,
+                 "seconds_per_step": 0.01, "peak_bytes": 1e6, "grad_rel_error": 0.0}
+                for c in ("backprop", "adjoint")]
+        columns = [column if c == "batch_size" else c for c in COLUMNS]
+        (tmp_path / name).mkdir()
+        write_csv(rows, tmp_path / name / "bench.csv", columns)
+        jobs.append(Job(tmp_path / name, name, "bench", "completed"))
+    (tmp_path / "figs").mkdir()
+    section = report_section(jobs, tmp_path / "figs", [])
+    assert "batch_size" in section
+    rows = [line for line in section.splitlines() if line.startswith(("| backprop", "| adjoint"))]
     assert len(rows) == 4 and all("| 7 |" in line for line in rows), section
