@@ -159,3 +159,21 @@ def test_report_reads_bench_csv_with_the_old_batch_column(tmp_path):
     assert "batch_size" in section
     rows = [line for line in section.splitlines() if line.startswith(("| backprop", "| adjoint"))]
     assert len(rows) == 4 and all("| 7 |" in line for line in rows), section
+
+
+@pytest.mark.slow
+def test_dropout_masks_are_the_same_in_the_stack_contenders(rode_cli, tmp_path):
+    """model.dropout > 0: backprop, checkpoint and the exact adjoint draw the same masks
+    (the stack replays its seeded random state), so their gradients agree; the plain
+    loop draws its own: its error is nan, with a note."""
+    run = tmp_path / "run"
+    r = rode_cli("bench", *TINY, "model.dropout=0.3", "depths=[2]", "methods=[euler,rev_heun]",
+                 "contenders=[plain,backprop,checkpoint,adjoint]", "dtype=float64",
+                 f"hydra.run.dir={run}")
+    assert r.code == 0, r.err[-2000:]
+    errors = {(x["method"], x["contender"]): float(x["grad_rel_error"]) for x in rows_of(run)}
+    assert errors.pop(("euler", "plain")) != errors[("euler", "backprop")]   # nan
+    assert errors.pop(("euler", "adjoint")) > 1e-6
+    assert all(e < 1e-10 for e in errors.values()), errors
+    notes = json.loads((run / "summary.json").read_text())["notes"]
+    assert any("dropout" in n and "plain" in n for n in notes)
