@@ -28,6 +28,7 @@ RENAMED = {"batch": "batch_size",
            "checkpoint.every_minutes": "save.every_minutes",
            "model.weights": "model.pretrained",                # `weights`: weight profiles
            "model.depths": "model.blocks",                     # `depths`: a sweep list
+           "hidden": "model.hidden", "activation": "model.activation",   # rode bench's
            **{f"hooks.{h}.batch": f"hooks.{h}.batch_size" for h in ("grad_error", "memory", "recon")}}
 
 
@@ -200,7 +201,9 @@ def _memory(cfg) -> None:
 
 
 def _bench(cfg) -> None:
-    check_depths(cfg.depths, to_list(cfg.methods), "depths")
+    check_depths(cfg.depths, to_list(cfg.methods), "depths", functions_per_layer(cfg))
+    if cfg.model.name == "transformer" and int(cfg.width) % int(cfg.model.heads):
+        raise ConfigError(f"model.heads={cfg.model.heads} must divide width={cfg.width}")
 
 
 def _linear(cfg) -> None:

@@ -22,6 +22,13 @@ for the backward pass and so in time, memory and gradient accuracy:
 
 The last two are optional (the ``bench`` extra of setup.cfg); a missing one is
 reported by :meth:`Contender.missing` and skipped by the benchmark.
+
+The exact reversible schemes (``rev_heun``, ``momentum``, ``coupled``) are methods,
+not contenders: ``backprop``, ``adjoint`` and ``checkpoint`` run them (``rode bench
+methods=[rev_heun]``), and the adjoint's gradient is then exact. ``build`` takes
+``step_size`` (default: ``depth_step(len(functions), alpha)``): a sequential
+transformer block is two functions per layer, each a full step 1/depth, as in
+``runner.transformer.build_transformer``.
 """
 from __future__ import annotations
 
@@ -64,18 +71,18 @@ class Contender:
         return f"{type(self).__name__}()"
 
 
-EVERY_METHOD = ("euler", "heun", "rev_heun", "momentum")
+EVERY_METHOD = ("euler", "heun", "rev_heun", "momentum", "coupled")
 
 
 class _PlainLoop(nn.Module):
     """x_0 -> x_S by a bare Python loop over the functions: Euler or Heun with
     step 1/N, written out as a user would."""
 
-    def __init__(self, functions, method, alpha: float = 1.0):
+    def __init__(self, functions, method, alpha: float = 1.0, step_size: float | None = None):
         super().__init__()
         self.functions = nn.ModuleList(functions)
         self.heun = method == "heun"
-        self.h = depth_step(len(functions), alpha)
+        self.h = step_size if step_size is not None else depth_step(len(functions), alpha)
 
     def forward(self, x):
         fs = list(self.functions)
@@ -96,8 +103,9 @@ class PlainContender(Contender):
     name = "plain"
     description = "a plain eager loop over the same modules, with autograd (the floor)"
 
-    def build(self, functions, method, alpha: float = 1.0, **options):
-        return _PlainLoop(functions, method, alpha)
+    def build(self, functions, method, alpha: float = 1.0, step_size: float | None = None,
+              **options):
+        return _PlainLoop(functions, method, alpha, step_size)
 
 
 class BackpropContender(Contender):
@@ -105,8 +113,9 @@ class BackpropContender(Contender):
     description = "autograd through every step"
     methods = EVERY_METHOD
 
-    def build(self, functions, method, alpha: float = 1.0, **options):
-        return ResidualStack(functions, method, "backprop", alpha=alpha)
+    def build(self, functions, method, alpha: float = 1.0, step_size: float | None = None,
+              **options):
+        return ResidualStack(functions, method, "backprop", alpha=alpha, step_size=step_size)
 
 
 class AdjointContender(Contender):
@@ -120,14 +129,16 @@ class AdjointContender(Contender):
         self.name = "adjoint" if vjp == "exact" else f"adjoint_{vjp}"
         self.description = f"discrete adjoint, Adjoint(vjp={vjp!r})"
 
-    def build(self, functions, method, compile: bool = False, alpha: float = 1.0, **options):
-        return ResidualStack(functions, method, Adjoint(vjp=self.vjp, compile=compile), alpha=alpha)
+    def build(self, functions, method, compile: bool = False, alpha: float = 1.0,
+              step_size: float | None = None, **options):
+        return ResidualStack(functions, method, Adjoint(vjp=self.vjp, compile=compile), alpha=alpha,
+                             step_size=step_size)
 
 
 class _Checkpointed(nn.Module):
-    def __init__(self, functions, method, alpha: float = 1.0):
+    def __init__(self, functions, method, alpha: float = 1.0, step_size: float | None = None):
         super().__init__()
-        self.stack = ResidualStack(functions, method, "backprop", alpha=alpha)
+        self.stack = ResidualStack(functions, method, "backprop", alpha=alpha, step_size=step_size)
         self.segments = max(1, round(math.sqrt(self.stack.num_steps)))
 
     def forward(self, x):
@@ -146,8 +157,9 @@ class CheckpointContender(Contender):
     description = "torch.utils.checkpoint.checkpoint_sequential, ~sqrt(N) segments"
     methods = EVERY_METHOD
 
-    def build(self, functions, method, alpha: float = 1.0, **options):
-        return _Checkpointed(functions, method, alpha)
+    def build(self, functions, method, alpha: float = 1.0, step_size: float | None = None,
+              **options):
+        return _Checkpointed(functions, method, alpha, step_size)
 
 
 class IndexedField(nn.Module):
@@ -168,10 +180,10 @@ class IndexedField(nn.Module):
 class _ODEAdjoint(nn.Module):
     _SOLVER = {"euler": "euler", "heun": "heun2"}   # heun2: Heun's (trapezoid) tableau
 
-    def __init__(self, functions, method, alpha: float = 1.0):
+    def __init__(self, functions, method, alpha: float = 1.0, step_size: float | None = None):
         super().__init__()
         integrator = get_integrator(method)
-        self.h = depth_step(len(functions), alpha)
+        self.h = step_size if step_size is not None else depth_step(len(functions), alpha)
         self.steps = integrator.num_steps(len(functions))
         self.field = IndexedField(functions, self.h)
         self.solver = self._SOLVER[integrator.name]
@@ -197,8 +209,9 @@ class TorchdiffeqContender(Contender):
     requires = "torchdiffeq"
     exact = False
 
-    def build(self, functions, method, alpha: float = 1.0, **options):
-        return _ODEAdjoint(functions, method, alpha)
+    def build(self, functions, method, alpha: float = 1.0, step_size: float | None = None,
+              **options):
+        return _ODEAdjoint(functions, method, alpha, step_size)
 
 
 class _InvertibleStep(nn.Module):
@@ -223,12 +236,12 @@ class _InvertibleStep(nn.Module):
 
 
 class _MemcnnStack(nn.Module):
-    def __init__(self, functions, method, alpha: float = 1.0):
+    def __init__(self, functions, method, alpha: float = 1.0, step_size: float | None = None):
         super().__init__()
         from memcnn import InvertibleModuleWrapper
 
         integrator = get_integrator(method)
-        h = depth_step(len(functions), alpha)
+        h = step_size if step_size is not None else depth_step(len(functions), alpha)
         self.steps = nn.ModuleList(
             InvertibleModuleWrapper(_InvertibleStep(functions, integrator, n, h), keep_input=False)
             for n in range(integrator.num_steps(len(functions))))
@@ -252,12 +265,13 @@ class MemcnnContender(Contender):
     requires = "memcnn"
     exact = False
 
-    def build(self, functions, method, alpha: float = 1.0, **options):
+    def build(self, functions, method, alpha: float = 1.0, step_size: float | None = None,
+              **options):
         import warnings
 
         with warnings.catch_warnings():   # memcnn's torch.cuda.amp deprecation notices
             warnings.simplefilter("ignore", FutureWarning)
-            return _MemcnnStack(functions, method, alpha)
+            return _MemcnnStack(functions, method, alpha, step_size)
 
 
 CONTENDERS: dict[str, Contender] = {c.name: c for c in [

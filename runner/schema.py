@@ -416,6 +416,8 @@ MODEL = Variants(options={
                          why=" (residual functions per stage, e.g. [8,8,8,8])"),
         "pretrained": Text(null=True, why=" (a torchvision state dict file)")}),
 })
+# rode bench's residual functions: train's mlp and transformer options, the same keys.
+BENCH_MODEL = Variants(options={name: MODEL.options[name] for name in ("mlp", "transformer")})
 ADJOINT = Group(fields={
     "vjp": Choice(choices=VJPS),
     "anchor_every": Int(1, null=True, why=" (null: no anchors, the paper's adjoint)"),
@@ -526,8 +528,8 @@ TASK_SCHEMAS: dict[str, Group] = {
     "bench": Group(fields={
         "depths": DEPTHS, "methods": ListOf(item=Choice(choices=tuple(METHODS))),
         "contenders": ListOf(item=Choice(choices=CONTENDERS)),
-        "width": Int(1, MAX_WIDTH), "hidden": Int(1, MAX_WIDTH, null=True),
-        "batch_size": Int(1, 10_000_000), "activation": Choice(choices=ACTIVATIONS),
+        "model": BENCH_MODEL, "tokens": Int(1, 65_536, why=" (the sequence length of model=transformer)"),
+        "width": Int(1, MAX_WIDTH), "batch_size": Int(1, 10_000_000),
         "init": ListOf(item=Choice(choices=INITS)),
         "dtype": Choice(choices=("float32", "float64", "bfloat16", "float16")),
         "device": DEVICE, "threads": THREADS, "warmup": Int(0), "repeats": COUNT,

@@ -16,7 +16,7 @@ from runner.inits import init_smooth, init_tied
 from runner.models import MLPBlock
 from runner.tasks.bench import COLUMNS
 
-FIXED_COLUMNS = ["depth", "contender", "method", "width", "batch", "seconds_per_step",
+FIXED_COLUMNS = ["depth", "contender", "method", "width", "batch_size", "seconds_per_step",
                  "peak_bytes", "grad_rel_error"]
 
 

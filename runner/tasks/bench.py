@@ -1,10 +1,12 @@
 """rode bench: time, memory and gradient error of one training step as depth grows.
 
 For each integrator and depth, every contender (:mod:`runner.contenders`) runs
-the same residual functions on the same batch: N MLP residual functions (width
-``width``, tied weights by default), x_0 a random batch, the loss
-||x_S - target||² / (2 batch), then the backward pass to every parameter. Per
-(method, depth, contender) it records
+the same residual functions on the same batch: N residual functions (``model=mlp``:
+MLPs of width ``width``; ``model=transformer``: pre-LayerNorm transformer blocks of
+:func:`runner.transformer.transformer_functions`, the builder of ``rode train
+model=transformer``, on a batch of (batch_size, tokens, width) token sequences;
+tied weights by default), x_0 a random batch, the loss ||x_S - target||² / (2 batch),
+then the backward pass to every parameter. Per (method, depth, contender) it records
 
 - ``seconds_per_step``: median over ``repeats`` steps after warm-up; the
   contenders' steps are interleaved round by round, so that a noisy machine
@@ -46,15 +48,19 @@ from ..measure import DTYPES, ISOLATED_KINDS, PeakMemoryError, peak_memory
 from ..models import MLPBlock
 from ..preflight import check_device
 from ..reporting import Job, num, table, table_jobs
+from ..stack import depth_step
 from ..threads import apply as apply_threads
+from ..transformer import transformer_functions
 
 log = logging.getLogger("rode")
 
-COLUMNS = ["depth", "contender", "method", "width", "batch", "seconds_per_step",
+COLUMNS = ["depth", "contender", "method", "width", "batch_size", "seconds_per_step",
            "peak_bytes", "grad_rel_error",
            # extras, after the fixed columns
            "steps", "seconds_min", "repeats", "memory_kind", "device", "dtype", "init", "threads",
-           "seconds_max"]
+           "seconds_max", "model", "tokens"]
+# bench.csv before batch_size: its column was `batch` (read with batch_size_of).
+OLD_COLUMNS = {"batch": "batch_size"}
 # Below float32 the gradient error is against backprop in float64 on the same weights.
 LOW_PRECISION = ("bfloat16", "float16")
 
@@ -66,28 +72,53 @@ def validate(cfg) -> None:
 
 
 # ------------------------------------------------------------------ problem
+def residual_functions(spec: dict) -> list[nn.Module]:
+    """``spec``'s residual functions: MLPs, or transformer blocks built as ``rode train
+    model=transformer`` builds them (2 per layer with ``block=sequential``)."""
+    width = spec["width"]
+    if spec.get("model", "mlp") == "transformer":
+        return transformer_functions(depth=spec["depth"], width=width, heads=spec["heads"],
+                                     mlp_ratio=spec["mlp_ratio"], dropout=spec["dropout"],
+                                     causal=False, block=spec["block"], init=spec["init"])
+    hidden = spec["hidden"] or width
+    return INITS[spec["init"]](lambda: MLPBlock(width, hidden, spec["activation"]), spec["depth"])
+
+
+def step_size(spec: dict) -> float:
+    """depth**-alpha, depth the layers (a sequential transformer block's two functions
+    each take a full step, as in ``build_transformer``)."""
+    return depth_step(spec["depth"], spec.get("alpha", 1.0))
+
+
 def make_problem(spec: dict):
     """The residual functions, batch and target of one (method, depth): the same
     for every contender and in every process, given the same spec."""
     dtype, device = DTYPES[spec["dtype"]], torch.device(spec["device"])
     torch.manual_seed(spec["seed"])
-    width, hidden = spec["width"], spec["hidden"] or spec["width"]
-    functions = INITS[spec["init"]](lambda: MLPBlock(width, hidden, spec["activation"]),
-                                    spec["depth"])
+    functions = residual_functions(spec)
     functions = [f.to(device=device, dtype=dtype) for f in functions]   # in place: ties survive
     params = list(nn.ModuleList(functions).parameters())                # distinct ones
     g = torch.Generator().manual_seed(spec["seed"] + 1)
-    x0 = torch.randn(spec["batch"], width, generator=g, dtype=dtype).to(device)
-    target = torch.randn(spec["batch"], width, generator=g, dtype=dtype).to(device)
+    shape = ((spec["batch"], spec["tokens"], spec["width"])
+             if spec.get("model", "mlp") == "transformer" else (spec["batch"], spec["width"]))
+    x0 = torch.randn(*shape, generator=g, dtype=dtype).to(device)
+    target = torch.randn(*shape, generator=g, dtype=dtype).to(device)
     return functions, params, x0, target
 
 
-def float64_reference(functions, method: str, x0, target, alpha: float = 1.0) -> torch.Tensor:
+def build(name: str, functions, spec: dict) -> nn.Module:
+    """Contender ``name`` over ``functions``, for ``spec``'s method, step and options."""
+    return CONTENDERS[name].build(functions, spec["method"], compile=spec["compile"],
+                                  alpha=spec.get("alpha", 1.0), step_size=step_size(spec))
+
+
+def float64_reference(functions, spec: dict, x0, target) -> torch.Tensor:
     """Backprop's gradient in float64 on the same (rounded) weights and batch, in
     the order of ``make_problem``'s params (one deep copy: ties survive)."""
     wide = copy.deepcopy(nn.ModuleList(functions)).to(torch.float64)
     params = list(wide.parameters())
-    model = CONTENDERS["backprop"].build(list(wide), method, compile=False, alpha=alpha)
+    model = build("backprop", list(wide), {**spec, "compile": False})
+    torch.manual_seed(spec["seed"] + 2)   # the same dropout masks as the compared step
     train_step(model, params, x0.double(), target.double())
     return flat_grad(params)
 
@@ -131,9 +162,7 @@ def prepared_step(spec: dict):
     are its output: dropped after each call, not part of what the next one starts from."""
     torch.set_num_threads(spec["threads"])
     functions, params, x0, target = make_problem(spec)
-    model = CONTENDERS[spec["contender"]].build(functions, spec["method"],
-                                                 compile=spec["compile"],
-                                                 alpha=spec.get("alpha", 1.0))
+    model = build(spec["contender"], functions, spec)
 
     def step():
         train_step(model, params, x0, target)
@@ -180,10 +209,10 @@ def run(cfg) -> dict:
     try:
         for init, method, depth in jobs:
             spec = {"method": method, "depth": depth, "width": int(cfg.width),
-                    "hidden": cfg.hidden and int(cfg.hidden), "batch": int(cfg.batch_size),
-                    "activation": cfg.activation, "init": init, "dtype": cfg.dtype,
+                    "batch": int(cfg.batch_size), "init": init, "dtype": cfg.dtype,
                     "device": device, "seed": int(cfg.seed), "threads": threads,
-                    "compile": bool(cfg.compile), "alpha": float(cfg.get("alpha", 1.0))}
+                    "compile": bool(cfg.compile), "alpha": float(cfg.get("alpha", 1.0)),
+                    **model_spec(cfg)}
             here = [n for n in names if method in CONTENDERS[n].methods]
             start = time.perf_counter()
             rows += _bench_one(spec, here, cfg, memory_kind, notes, bar)
@@ -208,15 +237,26 @@ def run(cfg) -> dict:
     return summary
 
 
+def model_spec(cfg) -> dict:
+    """The residual functions' keys of the config (``model.*``, ``tokens``), flat."""
+    m = cfg.model
+    if m.name == "transformer":
+        return {"model": "transformer", "tokens": int(cfg.tokens), "heads": int(m.heads),
+                "mlp_ratio": float(m.mlp_ratio), "dropout": float(m.dropout), "block": m.block}
+    return {"model": "mlp", "hidden": m.hidden and int(m.hidden), "activation": m.activation}
+
+
 def _bench_one(spec, names, cfg, memory_kind, notes, bar) -> list[dict]:
     """All contenders at one (method, depth): gradients, interleaved timing, memory."""
     functions, params, x0, target = make_problem(spec)
-    models = {n: CONTENDERS[n].build(functions, spec["method"], compile=spec["compile"],
-                                     alpha=spec.get("alpha", 1.0))
-              for n in names}
+    models = {n: build(n, functions, spec) for n in names}
     times: dict[str, list[float]] = {n: [] for n in names}
     grads, peaks = {}, {}
+    random = spec.get("dropout", 0.0) > 0
     for n, model in models.items():
+        # The compared step draws from the same seed in every contender: the stack's
+        # contenders (backprop, adjoint, checkpoint) then draw the same dropout masks.
+        torch.manual_seed(spec["seed"] + 2)
         train_step(model, params, x0, target)   # warm-up; its gradients are the ones compared
         grads[n] = flat_grad(params)
         for _ in range(int(cfg.warmup)):
@@ -227,8 +267,13 @@ def _bench_one(spec, names, cfg, memory_kind, notes, bar) -> list[dict]:
         # right after the same other one (or first, on a warm cache).
         for n in order[r % len(order):] + order[:r % len(order)]:
             times[n].append(train_step(models[n], params, x0, target))
-    reference = (float64_reference(functions, spec["method"], x0, target, spec.get("alpha", 1.0))
+    reference = (float64_reference(functions, spec, x0, target)
                  if spec["dtype"] in LOW_PRECISION else grads["backprop"])
+    if random and "plain" in names:
+        why = ("with model.dropout > 0 the plain loop draws its own dropout masks, not the "
+               "stack's: its gradient error is not measured (nan)")
+        if why not in notes:
+            notes.append(why)
     del models
     gc.collect()
 
@@ -245,15 +290,18 @@ def _bench_one(spec, names, cfg, memory_kind, notes, bar) -> list[dict]:
                 notes.append(why)
                 print(f"rode bench: note: {why}", file=sys.stderr, flush=True)
         error = ((grads[n] - reference).norm() / reference.norm()).item()
+        if random and n == "plain":
+            error = math.nan
         rows.append({
             "depth": spec["depth"], "contender": n, "method": spec["method"],
-            "width": spec["width"], "batch": spec["batch"],
+            "width": spec["width"], "batch_size": spec["batch"],
             "seconds_per_step": statistics.median(times[n]),
             "peak_bytes": peaks.get(n, math.nan), "grad_rel_error": error,
-            "steps": INTEGRATORS[spec["method"]]().num_steps(spec["depth"]),
+            "steps": INTEGRATORS[spec["method"]]().num_steps(len(functions)),
             "seconds_min": min(times[n]), "seconds_max": max(times[n]), "repeats": len(times[n]),
             "memory_kind": memory_kind, "device": spec["device"], "dtype": spec["dtype"],
             "init": spec["init"], "threads": spec["threads"],
+            "model": spec.get("model", "mlp"), "tokens": spec.get("tokens", ""),
         })
         bar.update()
     return rows
@@ -264,18 +312,21 @@ def ratios(rows: list[dict]) -> dict:
     """What the targets are about, per method: time / backprop's at each depth,
     peak memory at the largest depth / at depth 64 (or the smallest), gradient
     error / torchdiffeq's at each depth; with the ``plain`` contender, time / the
-    plain loop's too (``time_vs_plain``). Several inits in one run: keyed
+    plain loop's too (``time_vs_plain``: the plain Euler loop's for the methods that
+    have no plain loop, rev_heun, momentum, coupled). Several inits in one run: keyed
     ``method/init``."""
     out = {}
     inits = list(dict.fromkeys(r.get("init") for r in rows))
     for method, init in dict.fromkeys((r["method"], r.get("init")) for r in rows):
         mine = [r for r in rows if r["method"] == method and r.get("init") == init]
         at = {(r["contender"], r["depth"]): r for r in mine}
+        for (d, r) in _plain_floor(rows, method, init).items():
+            at.setdefault(("plain", d), r)
         depths = sorted({r["depth"] for r in mine})
         base_depth = 64 if 64 in depths else depths[0]
         entry = {"time_vs_backprop": {}, "memory_growth": {}, "grad_error_vs_torchdiffeq": {},
                  "memory_growth_depths": [base_depth, depths[-1]]}
-        if any(r["contender"] == "plain" for r in mine):
+        if any(c == "plain" for c, _ in at):
             entry["time_vs_plain"] = {
                 name: {d: at[name, d]["seconds_per_step"] / at["plain", d]["seconds_per_step"]
                        for d in depths if (name, d) in at and ("plain", d) in at}
@@ -295,6 +346,17 @@ def ratios(rows: list[dict]) -> dict:
     return _finite(out)
 
 
+def _plain_floor(rows: list[dict], method: str, init) -> dict:
+    """depth -> the plain loop's row for ``method`` (the Euler one where the method has
+    no plain loop of its own)."""
+    for m in (method, "euler"):
+        found = {r["depth"]: r for r in rows if r["contender"] == "plain" and r["method"] == m
+                 and r.get("init") == init}
+        if found:
+            return found
+    return {}
+
+
 def _finite(value):
     """NaN (a measurement that failed or was skipped) as None, for strict JSON."""
     if isinstance(value, dict):
@@ -305,19 +367,20 @@ def _finite(value):
 
 
 def format_table(rows: list[dict]) -> str:
-    head = (f"{'method':<6} {'depth':>6} {'contender':<15} {'s/step':>9} {'x bp':>6} "
+    head = (f"{'method':<8} {'depth':>6} {'contender':<15} {'s/step':>9} {'x bp':>6} "
             f"{'peak MiB':>9} {'x bp':>6} {'grad rel err':>12} {'x plain':>7} {'init':<6}")
     lines = [head, "-" * len(head)]
     bp = {(r["method"], r["depth"], r.get("init")): r for r in rows if r["contender"] == "backprop"}
     floor = {(r["method"], r["depth"], r.get("init")): r for r in rows if r["contender"] == "plain"}
     for r in rows:
         key = (r["method"], r["depth"], r.get("init"))
-        ref, low = bp.get(key), floor.get(key)
+        ref = bp.get(key)
+        low = floor.get(key) or floor.get(("euler", r["depth"], r.get("init")))   # rev_heun ...
         t_ratio = r["seconds_per_step"] / ref["seconds_per_step"] if ref else math.nan
         p_ratio = r["seconds_per_step"] / low["seconds_per_step"] if low else math.nan
         m_ratio = (r["peak_bytes"] / ref["peak_bytes"]
                    if ref and ref["peak_bytes"] and ref["peak_bytes"] > 0 else math.nan)
-        lines.append(f"{r['method']:<6} {r['depth']:>6} {r['contender']:<15} "
+        lines.append(f"{r['method']:<8} {r['depth']:>6} {r['contender']:<15} "
                      f"{r['seconds_per_step']:>9.4f} {t_ratio:>6.2f} "
                      f"{r['peak_bytes'] / 2**20:>9.1f} {m_ratio:>6.2f} {r['grad_rel_error']:>12.2e} "
                      f"{p_ratio:>7.2f} {r.get('init') or '':<6}")
@@ -325,6 +388,14 @@ def format_table(rows: list[dict]) -> str:
 
 
 # ------------------------------------------------------------------ report
+def batch_size_of(row: dict):
+    """A bench.csv row's batch size: column ``batch_size``, or ``batch`` in older files."""
+    for new_or_old in ("batch_size", *OLD_COLUMNS):
+        if row.get(new_or_old) not in (None, ""):
+            return row[new_or_old]
+    return None
+
+
 def report_section(jobs: list[Job], out: Path, figures: list[str]) -> str:
     found = table_jobs(jobs, "bench.csv")
     rows = [r for _, rs in found for r in rs]
@@ -334,14 +405,14 @@ def report_section(jobs: list[Job], out: Path, figures: list[str]) -> str:
     plot_bench(rows, out / "bench.png")
     figures.append("bench.png")
     body = [[r.get("contender"), r.get("method"), int(num(r["depth"])), r.get("width"),
-             r.get("batch"), num(r.get("seconds_per_step")), format_size(r.get("peak_bytes")),
+             batch_size_of(r), num(r.get("seconds_per_step")), format_size(r.get("peak_bytes")),
              num(r.get("grad_rel_error"))]
             for r in sorted(rows, key=lambda r: (r.get("method", ""), num(r["depth"]),
                                                  r.get("contender", "")))]
     notes = [n for j, _ in found for n in j.summary.get("notes", [])]
     return "\n".join([
         "## Benchmark: one training step vs depth (`rode bench`)", "",
-        table(["contender", "method", "depth", "width", "batch", "s/step", "peak",
+        table(["contender", "method", "depth", "width", "batch_size", "s/step", "peak",
                "grad error"], body), "",
         *[f"- note: {n}" for n in notes], *([""] if notes else []),
         "![benchmark](bench.png)"])
