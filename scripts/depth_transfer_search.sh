@@ -11,14 +11,14 @@
 # is its training loss (objective=train_loss, minimized; a diverged trial fails and the
 # search goes on).
 # Usage: scripts/depth_transfer_search.sh [full] [overrides...]    (e.g. optimizer=sgd)
-#   SHALLOW=4 DEEP=64 TRIALS=10 ALPHAS="1.0 0.5 0.0" LR='tag(log,interval(1e-4,1e-1))'
-#   (CPU: about 10 minutes on 2 quiet cores)
+#   SHALLOW=4 DEEP=64 TRIALS=6 ALPHAS="1.0 0.5 0.0" LR='tag(log,interval(1e-4,1e-1))'
+#   (CPU: about 220 CPU seconds in all, docs/depth-scaling.md)
 # Writes <out>/alpha_<a>/{shallow,transfer,deep} and <out>/search.md (the table).
 source "$(dirname "$0")/common.sh"
 variant train_depth_transfer "$@"
 SHALLOW=${SHALLOW:-4}
 DEEP=${DEEP:-64}
-TRIALS=${TRIALS:-10}
+TRIALS=${TRIALS:-6}
 ALPHAS=${ALPHAS:-1.0 0.5 0.0}
 LR=${LR:-tag(log,interval(1e-4,1e-1))}
 PY="$(dirname "$(command -v "$RODE")")/python"
