@@ -240,3 +240,134 @@ def section(jobs: list[Job], out: Path, figures: list[str]) -> str:
     if never:
         text[2:2] = ["Every lr diverged at: " + "; ".join(f"{p} depth {d}" for p, d in never), ""]
     return "\n".join(text)
+
+
+# --- The depth-transfer search (scripts/depth_transfer_search.sh) --------------------
+# Per scaling alpha: an Optuna search over lr at a shallow depth, one run at a deep depth
+# with the lr it found (the transfer), and the same search run at the deep depth (what the
+# transfer is checked against). OUT/alpha_<a>/{shallow,deep} are the searches' sweep
+# dirs, OUT/alpha_<a>/transfer the deep run.
+
+RESULTS = "optimization_results.yaml"
+
+
+def study_best(study: Path | str) -> tuple[dict, float]:
+    """(best_params, best_value) of a finished single-objective search
+    (``rode -m train hparams_search=optuna``), read from its sweep dir's
+    optimization_results.yaml. Raises ConfigError naming what is missing."""
+    import yaml
+
+    from .errors import ConfigError
+
+    study = Path(study)
+    path = study / RESULTS
+    if not path.is_file():
+        what = "no such directory" if not study.is_dir() else f"no {RESULTS} in it"
+        raise ConfigError(f"{study}: {what} (the sweep dir of a finished "
+                          "`rode -m train hparams_search=optuna` search)")
+    data = yaml.safe_load(path.read_text()) or {}
+    if "best_params" not in data:
+        kind = "a two-objective study (best_trials: no single best)" if "best_trials" in data \
+            else "no best_params"
+        raise ConfigError(f"{path}: {kind}")
+    return dict(data["best_params"]), float(data["best_value"])
+
+
+def study_param(study: Path | str, key: str):
+    """One searched value of the best trial, e.g. its lr; ConfigError if it was not searched."""
+    from .errors import ConfigError
+
+    params, _ = study_best(study)
+    if key not in params:
+        raise ConfigError(f"{Path(study) / RESULTS}: {key} was not searched "
+                          f"(searched: {', '.join(sorted(params)) or 'nothing'})")
+    return params[key]
+
+
+def _run(summary_dir: Path) -> dict:
+    """A run's loss (the objective: train_loss at its best epoch), test acc and depth."""
+    import json
+
+    s = json.loads((summary_dir / "summary.json").read_text())
+    best = s.get("best_metrics") or {}
+    loss = num(best.get("train_loss", s.get("train_loss"))) if s.get("status") == "completed" \
+        else math.inf
+    return {"lr": float(s["config"]["lr"]), "depth": int(s["config"]["depth"]), "loss": loss,
+            "acc": num(s.get("selected_test_acc", s.get("test_acc"))), "status": s.get("status")}
+
+
+def _best_trial(study: Path) -> dict:
+    """The search's best trial (the lr optimization_results.yaml names) as a run record."""
+    lr = float(study_param(study, "lr"))
+    for d in sorted(study.iterdir()):
+        if (d / "summary.json").is_file():
+            run = _run(d)
+            if math.isclose(run["lr"], lr, rel_tol=1e-12):
+                return run
+    from .errors import ConfigError
+    raise ConfigError(f"{study}: no trial with the best lr {lr:g}")
+
+
+def search_rows(out: Path | str) -> list[list]:
+    """One row per alpha of a depth-transfer search: shallow search's lr, deep search's lr,
+    and the deep loss / test accuracy reached with each."""
+    out = Path(out)
+    rows = []
+    for a in sorted(out.glob("alpha_*"), key=lambda p: -float(p.name.split("_", 1)[1])):
+        shallow, deep = _best_trial(a / "shallow"), _best_trial(a / "deep")
+        moved = _run(a / "transfer")
+        gap = (moved["loss"] - deep["loss"]) / deep["loss"] if math.isfinite(moved["loss"]) \
+            else math.inf
+        rows.append([a.name.split("_", 1)[1], f"{fmt(shallow['lr'], 3)} (N={shallow['depth']})",
+                     f"{fmt(deep['lr'], 3)} (N={deep['depth']})",
+                     fmt(deep["lr"] / shallow["lr"], 3),
+                     fmt(moved["loss"], 3), fmt(deep["loss"], 3), f"{100 * gap:+.0f} %",
+                     f"{100 * moved['acc']:.1f}", f"{100 * deep['acc']:.1f}",
+                     fmt(shallow["loss"], 3)])
+    return rows
+
+
+SEARCH_HEADER = ["alpha", "shallow search: best lr", "deep search: best lr", "ratio deep/shallow",
+                 "deep loss, transferred lr", "deep loss, deep search's lr", "loss gap",
+                 "test acc % transferred", "test acc % deep search", "shallow loss"]
+
+
+def search_table(out: Path | str) -> str:
+    """The markdown table of a depth-transfer search's outcome (see :func:`search_rows`)."""
+    from .errors import ConfigError
+
+    rows = search_rows(out)
+    if not rows:
+        raise ConfigError(f"{out}: no alpha_<a> folders (the OUT of "
+                          "scripts/depth_transfer_search.sh)")
+    return table(SEARCH_HEADER, rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m runner.transfer best <study dir> <key> | search-table <out dir>"""
+    import argparse
+    import sys
+
+    from .errors import ConfigError
+
+    parser = argparse.ArgumentParser(prog="python -m runner.transfer")
+    sub = parser.add_subparsers(dest="command", required=True)
+    best = sub.add_parser("best", help="print one searched value of a search's best trial")
+    best.add_argument("study")
+    best.add_argument("key")
+    tab = sub.add_parser("search-table", help="the outcome of scripts/depth_transfer_search.sh")
+    tab.add_argument("out")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "best":
+            print(study_param(args.study, args.key))
+        else:
+            print(search_table(args.out))
+    except ConfigError as e:
+        print(f"{parser.prog} {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -13,7 +13,7 @@ source "$(dirname "$0")/common.sh"
 variant train_depth_transfer "$@"
 LAUNCH=()
 if [[ "$EXPERIMENT" == train_depth_transfer ]]; then LAUNCH=(hydra/launcher=parallel); fi
-SGD_LR=1e-2,3e-2,1e-1,3e-1,1,3
+SGD_LR=3e-4,1e-3,3e-3,1e-2,3e-2,1e-1,3e-1,1   # SGD diverges from 0.3 at every depth; 3e-4 for alpha=0
 if [[ "$EXPERIMENT" == train_depth_transfer_full ]]; then SGD_LR=3e-3,1e-2,3e-2,1e-1,3e-1,1,3,10; fi
 start=$(date +%s)
 sweep train experiment="$EXPERIMENT" optimizer=adam "hydra.sweep.dir=$OUT/adam" "${LAUNCH[@]}" "${ARGS[@]}"

@@ -69,6 +69,83 @@ def test_predictions_are_the_papers_rules(panel, slope):
     assert predicted_slope(panel) == pytest.approx(slope)
 
 
+TINY = ["epochs=1", "width=8", "dataset=synthetic", "dataset.num_samples=160", "grad=backprop",
+        "schedule=constant", "monitor=train_loss", "progress=false", "device=cpu", "threads=1"]
+SEARCH = ["hparams_search=optuna", "hydra.sweeper.n_trials=3", "objective=train_loss",
+          "hydra.sweeper.direction=minimize", "method=euler", "adjoint.vjp=exact",
+          "lr=tag(log,interval(1e-3,1e-1))"]
+
+
+def test_depth_transfer_search_reads_back_the_best_lr_of_a_real_search(rode_cli, tmp_path, capsys):
+    """The read-back scripts/depth_transfer_search.sh relies on, on a tiny real search: the
+    lr taken from optimization_results.yaml is the lr of the trial with the least
+    training loss (the objective), printed exactly as the next `rode train` takes it."""
+    import json
+
+    from runner.transfer import main, study_param
+
+    study = tmp_path / "shallow"
+    r = rode_cli("-m", "train", *SEARCH, "hydra.sweeper.n_trials=2", *TINY, "depth=2",
+                 f"hydra.sweep.dir={study}")
+    assert r.code == 0, r.err
+    trials = [json.loads(p.read_text()) for p in study.glob("*/summary.json")]
+    assert len(trials) == 2 and trials[0]["config"]["lr"] != trials[1]["config"]["lr"]
+    least = min(trials, key=lambda s: s["best_metrics"]["train_loss"])
+    lr = study_param(study, "lr")
+    assert lr == least["config"]["lr"]
+    assert main(["best", str(study), "lr"]) == 0
+    assert float(capsys.readouterr().out) == lr
+
+
+@pytest.mark.slow
+def test_depth_transfer_search_table_compares_the_transferred_lr_with_the_deep_search(
+        rode_cli, tmp_path, capsys):
+    """The script's three steps for one alpha, tiny: search at depth 2, the found lr at
+    depth 4, search at depth 4; the table row holds both lrs and the deep losses."""
+    import json
+
+    from runner.transfer import main, search_rows, study_param
+
+    out = tmp_path / "out" / "alpha_1.0"
+    for name, depth in (("shallow", 2), ("deep", 4)):
+        r = rode_cli("-m", "train", *SEARCH, *TINY, f"depth={depth}", f"hydra.sweep.dir={out / name}")
+        assert r.code == 0, r.err
+    lr = study_param(out / "shallow", "lr")
+    r = rode_cli("train", *TINY, "depth=4", f"lr={lr}", f"hydra.run.dir={out / 'transfer'}")
+    assert r.code == 0, r.err
+    moved = json.loads((out / "transfer" / "summary.json").read_text())
+    deep = [json.loads(p.read_text()) for p in (out / "deep").glob("*/summary.json")]
+    best_deep = min(deep, key=lambda s: s["best_metrics"]["train_loss"])
+    [row] = search_rows(tmp_path / "out")
+    deep_lr = study_param(out / "deep", "lr")
+    assert row[:3] == ["1.0", f"{lr:.3g} (N=2)", f"{deep_lr:.3g} (N=4)"]
+    assert row[4] == f"{moved['best_metrics']['train_loss']:.3g}"
+    assert row[5] == f"{best_deep['best_metrics']['train_loss']:.3g}"
+    assert main(["search-table", str(tmp_path / "out")]) == 0
+    assert "| 1.0 | " in capsys.readouterr().out
+
+
+def test_depth_transfer_search_read_back_refuses_what_is_not_a_finished_search(tmp_path, capsys):
+    from runner.transfer import main
+
+    (tmp_path / "pareto").mkdir()
+    (tmp_path / "pareto" / "optimization_results.yaml").write_text(
+        "name: optuna\nsolutions:\nbest_trials:\n- params: {lr: 0.01}\n")
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "optimization_results.yaml").write_text(
+        "name: optuna\nbest_params:\n  lr: 0.01\nbest_value: 0.5\n")
+    for argv, says in [(["best", str(tmp_path / "missing"), "lr"], "no such directory"),
+                       (["best", str(tmp_path), "lr"], "no optimization_results.yaml in it"),
+                       (["best", str(tmp_path / "pareto"), "lr"], "two-objective study"),
+                       (["best", str(tmp_path / "one"), "depth"], "depth was not searched (searched: lr)"),
+                       (["search-table", str(tmp_path)], "no alpha_<a> folders")]:
+        assert main(argv) == 2
+        err = capsys.readouterr()
+        assert err.out == "" and says in err.err and len(err.err.strip().splitlines()) == 1
+    assert main(["best", str(tmp_path / "one"), "lr"]) == 0
+    assert capsys.readouterr().out == "0.01\n"
+
+
 @pytest.mark.slow
 def test_report_measures_where_weights_converge_on_a_real_depth_sweep(tmp_path):
     from runner.cli import main
