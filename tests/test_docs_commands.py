@@ -299,7 +299,6 @@ def _compare_with_hydra(monkeypatch, shared):
 
 @pytest.mark.parametrize("command", [
     "train model=resnet model.arch=resnet50 seed=3 +note=x hydra.run.dir=<dir>/run",
-    "-m train experiment=train depth=4,8 grad=adjoint",
 ])
 def test_shared_compose_is_hydras(command, tmp_path, monkeypatch, shared_compose):
     from runner import cli
