@@ -11,6 +11,7 @@ how to take its commands:
     <!-- docs-check: skip -->      not checked (needs a file or a machine we do not have)
 """
 import contextlib
+import os
 import re
 import shlex
 from pathlib import Path
@@ -71,13 +72,11 @@ def rode_commands(text: str):
 
 
 def collect():
-    """Every command; the sweeps of docs/ (each composes one job per value) run with the
-    slow tests, the README's and every single-run command in the default suite."""
+    """Every command of the README and docs/, sweeps included (each value composed once)."""
     found = []
     for path in DOCS:
         for line, command, marker in rode_commands(path.read_text()):
-            sweep = bool({"-m", "--multirun"} & set(command.split())) and path.name != "README.md"
-            found.append(pytest.param(command, marker, marks=[pytest.mark.slow] if sweep else [],
+            found.append(pytest.param(command, marker,
                                       id=f"{path.relative_to(ROOT)}:{line}: rode {command}"[:150]))
     return found
 
@@ -150,8 +149,105 @@ def _without_task_checks(task: str):
         tasks.load_task = real
 
 
+class SharedCompose:
+    """Hydra's config loading, done once per (config, search path, config-group choices and
+    ``hydra.*`` overrides): the commands of the docs share a few such bases, and composing
+    one costs about a second on a loaded machine. Each command's other overrides
+    (``depth=8``, ``model.arch=resnet50``, ``+key=v``, ``~key``) are applied to a copy of
+    its base as Hydra's ``_load_configuration_impl`` applies them after composing
+    (``_apply_overrides_to_config`` on the root in struct mode), and the hydra node's record
+    of the overrides (overrides.task and .hydra, job.override_dirname, runtime.cwd) is
+    written as it writes it. A command line holding a sweep (Hydra's mode check composes
+    those) is cached whole. An override the copy refuses is composed again for real, so a
+    refusal is Hydra's own; ``test_shared_compose_is_hydras`` checks that an accepted copy
+    equals what Hydra composes. The group listings that `rode` reads to check a group's
+    value are cached too (the configs do not change during the tests)."""
+
+    def __init__(self):
+        from hydra._internal.config_loader_impl import ConfigLoaderImpl
+
+        self.real_load = ConfigLoaderImpl.load_configuration
+        self.real_options = ConfigLoaderImpl.get_group_options
+        self.bases: dict = {}
+        self.options: dict = {}
+
+    @staticmethod
+    def _where(loader) -> tuple:
+        return tuple((e.provider, e.path) for e in loader.get_search_path().get_path())
+
+    def group_options(self, loader, *args, **kwargs):
+        key = (self._where(loader), args, tuple(sorted(kwargs.items())))
+        if key not in self.options:
+            self.options[key] = self.real_options(loader, *args, **kwargs)
+        return list(self.options[key])
+
+    def load(self, loader, config_name, overrides, run_mode, from_shell=True,
+             validate_sweep_overrides=True):
+        import copy
+
+        from hydra._internal.config_loader_impl import ConfigLoaderImpl, get_overrides_dirname
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+        from hydra.errors import HydraException
+        from omegaconf import open_dict
+        from omegaconf.errors import OmegaConfBaseException
+
+        def real(lines):
+            return self.real_load(loader, config_name, list(lines), run_mode, from_shell,
+                                  validate_sweep_overrides)
+
+        overrides = list(overrides)
+        try:
+            parsed = OverridesParser.create().parse_overrides(overrides)
+        except HydraException:
+            return real(overrides)
+        sweep = any(o.is_sweep_override() for o in parsed)
+        # as Hydra's defaults list splits them: a group's choice shapes the base; the rest
+        # are config overrides, applied after composing
+        chooses = [sweep or o.is_hydra_override()
+                   or (loader.repository.group_exists(o.key_or_group)
+                       and not isinstance(o.value(), dict)) for o in parsed]
+        base_lines = tuple(o.input_line for c, o in zip(chooses, parsed, strict=True) if c)
+        key = (config_name, base_lines, run_mode, from_shell, validate_sweep_overrides,
+               self._where(loader))
+        if key not in self.bases:
+            self.bases[key] = real(base_lines)
+        cfg = copy.deepcopy(self.bases[key])
+        try:
+            ConfigLoaderImpl._apply_overrides_to_config(
+                [o for c, o in zip(chooses, parsed, strict=True) if not c], cfg)
+        except (HydraException, OmegaConfBaseException):
+            return real(overrides)
+        app = [o for o in parsed if not o.is_hydra_override()]
+        cfg.hydra.overrides.task = [o.input_line for o in app]
+        named = cfg.hydra.job.config.override_dirname
+        with open_dict(cfg.hydra):
+            cfg.hydra.job.override_dirname = get_overrides_dirname(
+                overrides=app, kv_sep=named.kv_sep, item_sep=named.item_sep,
+                exclude_keys=named.exclude_keys)
+            cfg.hydra.runtime.cwd = os.getcwd()
+        return cfg
+
+
+_SHARED: list = []   # one SharedCompose for the session: its bases outlive a test
+
+
+@pytest.fixture
+def shared_compose(monkeypatch):
+    """Hydra's config loader made a SharedCompose for the test."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+
+    if not _SHARED:
+        _SHARED.append(SharedCompose())
+    shared = _SHARED[0]
+    monkeypatch.setattr(ConfigLoaderImpl, "load_configuration",
+                        lambda self, *a, **k: shared.load(self, *a, **k))
+    monkeypatch.setattr(ConfigLoaderImpl, "get_group_options",
+                        lambda self, *a, **k: shared.group_options(self, *a, **k))
+    return shared
+
+
 @pytest.mark.parametrize(("command", "marker"), COMMANDS)
-def test_docs_command_validates(command, marker, tmp_path, monkeypatch):
+def test_docs_command_validates(command, marker, tmp_path, monkeypatch, shared_compose):
     from runner import cli
 
     if marker == "skip":
@@ -170,7 +266,7 @@ def test_the_docs_hold_commands():
     assert len(COMMANDS) > 50
 
 
-def test_a_key_that_does_not_exist_fails(tmp_path, monkeypatch):
+def test_a_key_that_does_not_exist_fails(tmp_path, monkeypatch, shared_compose):
     monkeypatch.chdir(tmp_path)
     doc = "Run it:\n\n```bash\nrode train dept=3 \\\n    method=heun   # deep\n```\n"
     (command,) = [c for _, c, _ in rode_commands(doc)]
@@ -178,5 +274,48 @@ def test_a_key_that_does_not_exist_fails(tmp_path, monkeypatch):
     error = check(command, tmp_path)
     assert error and "dept" in error
     assert check("train depth=3 method=heun", tmp_path) is None
+    # on the shared base of a group choice, in a nested key, in a group, in a sweep
+    assert "arhc" in (check("train model=resnet model.arhc=resnet50", tmp_path) or "")
+    assert "resnt" in (check("train model=resnt", tmp_path) or "")
+    assert "dept" in (check("-m train experiment=train dept=4,8", tmp_path) or "")
+    assert check("train model=resnet model.arch=resnet50", tmp_path) is None
     marked = "<!-- docs-check: refused -->\n\n    rode train depth=0\n"
     assert [m for _, _, m in rode_commands(marked)] == ["refused"]
+
+
+def _compare_with_hydra(monkeypatch, shared):
+    """Every config load: the shared copy and Hydra's own must give the same config."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from omegaconf import OmegaConf
+
+    def both(self, config_name, overrides, *args, **kwargs):
+        ours = shared.load(self, config_name, overrides, *args, **kwargs)
+        theirs = shared.real_load(self, config_name, overrides, *args, **kwargs)
+        assert OmegaConf.to_container(ours) == OmegaConf.to_container(theirs), overrides
+        return theirs
+
+    monkeypatch.setattr(ConfigLoaderImpl, "load_configuration", both)
+
+
+@pytest.mark.parametrize("command", [
+    "train model=resnet model.arch=resnet50 seed=3 +note=x hydra.run.dir=<dir>/run",
+])
+def test_shared_compose_is_hydras(command, tmp_path, monkeypatch, shared_compose):
+    from runner import cli
+
+    monkeypatch.setattr(cli, "_MAX_COMBINATIONS", 1)
+    monkeypatch.chdir(tmp_path)
+    _compare_with_hydra(monkeypatch, shared_compose)
+    check(command, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("command", "marker"), COMMANDS)
+def test_shared_compose_is_hydras_for_every_docs_command(command, marker, tmp_path, monkeypatch,
+                                                         shared_compose):
+    from runner import cli
+
+    monkeypatch.setattr(cli, "_MAX_COMBINATIONS", 1)
+    monkeypatch.chdir(tmp_path)
+    _compare_with_hydra(monkeypatch, shared_compose)
+    check(command, tmp_path, elsewhere_ok=marker != "refused")
