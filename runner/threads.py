@@ -19,9 +19,12 @@ workers follow the same budget (:func:`loader_workers`).
 """
 from __future__ import annotations
 
+import atexit
+import contextlib
 import logging
 import math
 import os
+import signal
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -227,4 +230,20 @@ def preload_workers(task_module: str, overrides) -> bool:
             if value is None:
                 os.environ.pop(var, None)
     set_start_method("forkserver", force=True)   # loky's workers: forked from that server
+    atexit.register(stop_server)
     return True
+
+
+def stop_server() -> None:
+    """The forkserver goes with this process, at once, even while it is still importing
+    (a sweep whose pre-flight failed): by default it would finish its imports first."""
+    from multiprocessing import forkserver
+
+    server = getattr(forkserver, "_forkserver", None)
+    pid = getattr(server, "_forkserver_pid", None)
+    if pid is None:
+        return
+    with contextlib.suppress(OSError):
+        os.kill(pid, signal.SIGTERM)
+    with contextlib.suppress(Exception):   # closes its pipe, reaps it
+        server._stop()
