@@ -16,6 +16,10 @@ against each other and a run takes many times longer (docs/benchmarks.md,
 
 ``threads=<k>`` forces k; ``threads=null`` leaves torch's default. Data-loader
 workers follow the same budget (:func:`loader_workers`).
+
+A ``hydra/launcher=parallel`` sweep's workers are forked from one server that imported
+torch and the task once, with ``OMP_NUM_THREADS = cores // n_jobs`` in its environment
+(:func:`preload_workers`; docs/scaling.md, "Parallel sweeps: where the time goes").
 """
 from __future__ import annotations
 
