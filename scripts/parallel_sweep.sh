@@ -44,7 +44,10 @@ rode, out, epochs, seeds, rounds, args, parallel = sys.argv[1:]
 out, rounds = Path(out), int(rounds)
 common = ["progress=false", "device=cpu", f"epochs={epochs}", f"seed={seeds}", *shlex.split(args)]
 # Orphans (a launcher's server that outlives its parent) are reaped here: their CPU counts.
-ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)   # PR_SET_CHILD_SUBREAPER
+try:
+    ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)   # PR_SET_CHILD_SUBREAPER (Linux)
+except (AttributeError, OSError):
+    pass
 
 
 def load() -> str:
