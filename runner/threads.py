@@ -186,12 +186,14 @@ def launcher_jobs(overrides) -> int | None:
         return None
     jobs = values.get("hydra.launcher.n_jobs")
     if jobs is None:
+        from importlib.resources import files
+
         from omegaconf import OmegaConf
 
-        conf = Path(__file__).resolve().parent / "conf" / "hydra" / "launcher" / "parallel.yaml"
-        try:
-            jobs = OmegaConf.load(conf).get("n_jobs", 2)
-        except OSError:
+        try:   # the launcher's own default (runner.conf: the repo's conf/)
+            conf = files("runner.conf") / "hydra" / "launcher" / f"{PARALLEL_LAUNCHER}.yaml"
+            jobs = OmegaConf.create(conf.read_text()).get("n_jobs", 2)
+        except (OSError, ModuleNotFoundError):
             jobs = 2
     try:
         jobs = int(jobs)
@@ -211,10 +213,10 @@ def preload_workers(task_module: str, overrides) -> bool:
     The server starts now, so that it imports while this process runs the pre-flight, with
     the thread variables joblib gives its workers (``cores // n_jobs``) unless they are
     set. Returns whether it started: only for ``hydra/launcher=parallel`` on the command
-    line, unless ``RODE_FORKSERVER=0``."""
+    line with ``n_jobs`` above 1, unless ``RODE_FORKSERVER=0``."""
     jobs = launcher_jobs(overrides)
-    if jobs is None or os.environ.get(FORKSERVER_ENV, "1").strip() == "0":
-        return False
+    if jobs is None or jobs < 2 or os.environ.get(FORKSERVER_ENV, "1").strip() == "0":
+        return False   # (n_jobs=1: joblib runs the jobs in this process)
     import multiprocessing
     from multiprocessing import forkserver
 

@@ -170,7 +170,7 @@ def test_parallel_workers_are_forked_from_one_preloaded_server(bare, monkeypatch
     """hydra/launcher=parallel: loky's workers come from the forkserver started before the
     sweep, which imported the task's module (so a worker imports nothing again) with the
     thread variables of the jobs' share of the cores; the command's own environment stays
-    as it was. Not for other launchers, nor with RODE_FORKSERVER=0."""
+    as it was. Not for other launchers, nor one job at a time, nor with RODE_FORKSERVER=0."""
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
     from multiprocessing import forkserver
 
@@ -179,6 +179,7 @@ def test_parallel_workers_are_forked_from_one_preloaded_server(bare, monkeypatch
     from joblib.externals.loky.backend import context
 
     assert not threads.preload_workers("json", ["hydra/launcher=local"])
+    assert not threads.preload_workers("json", ["hydra/launcher=parallel", "hydra.launcher.n_jobs=1"])
     monkeypatch.setenv(threads.FORKSERVER_ENV, "0")
     assert not threads.preload_workers("json", ["hydra/launcher=parallel"])
     monkeypatch.delenv(threads.FORKSERVER_ENV)
