@@ -197,3 +197,25 @@ def test_parallel_workers_are_forked_from_one_preloaded_server(bare, monkeypatch
         get_reusable_executor().shutdown(wait=True)
         context.set_start_method(None, force=True)
         threads.stop_server()
+
+
+def test_a_parallel_sweep_starts_the_server_before_its_pre_flight(bare, rode_cli, tmp_path):
+    """`rode -m ... hydra/launcher=parallel` starts the workers' server first (it imports
+    while the pre-flight runs); bad input is still one line, exit 2, nothing written."""
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    from multiprocessing import forkserver
+
+    from joblib.externals.loky.backend import context
+
+    forkserver._forkserver._stop()
+    try:
+        r = rode_cli("-m", "train", "seed=0,1", "threads=many", "hydra/launcher=parallel",
+                     f"hydra.sweep.dir={tmp_path / 'sweep'}")
+        assert r.code == 2 and len(r.err.strip().splitlines()) == 1, r.err
+        assert "threads='many'" in r.err and not (tmp_path / "sweep").exists()
+        assert forkserver._forkserver._forkserver_pid is not None
+        assert context.get_start_method() == "forkserver"
+    finally:
+        context.set_start_method(None, force=True)
+        threads.stop_server()
+    assert forkserver._forkserver._forkserver_pid is None
