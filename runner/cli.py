@@ -19,7 +19,7 @@ _EARLY = _catch_early_interrupt()
 import contextlib  # noqa: E402
 import itertools  # noqa: E402
 
-from . import config, once, routes, rundir  # noqa: E402
+from . import config, once, routes, rundir, threads  # noqa: E402
 from .errors import ConfigError, Interrupted, RodeError, RunFailed  # noqa: E402
 from .schema import TASK_SCHEMAS, has_key  # noqa: E402
 from .tasks import TASKS, load_task  # noqa: E402
@@ -142,6 +142,8 @@ def _main(argv: list[str] | None = None) -> None:
             with routes.one_line_errors():
                 print(task_help(task, route, overrides))
             return
+        if route.multirun and not route.only_prints:   # the workers' imports start now
+            threads.preload_workers(TASKS[task].module, overrides)
         if not route.only_prints:   # --cfg, --hydra-help ...: Hydra answers, no job runs
             with routes.one_line_errors():
                 validate_overrides(task, overrides, route.multirun, route)

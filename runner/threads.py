@@ -16,12 +16,19 @@ against each other and a run takes many times longer (docs/benchmarks.md,
 
 ``threads=<k>`` forces k; ``threads=null`` leaves torch's default. Data-loader
 workers follow the same budget (:func:`loader_workers`).
+
+A ``hydra/launcher=parallel`` sweep's workers are forked from one server that imported
+torch and the task once, with ``OMP_NUM_THREADS = cores // n_jobs`` in its environment
+(:func:`preload_workers`; docs/scaling.md, "Parallel sweeps: where the time goes").
 """
 from __future__ import annotations
 
+import atexit
+import contextlib
 import logging
 import math
 import os
+import signal
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -152,3 +159,97 @@ def loader_workers(cfg, dataset=None) -> int:
     if requested <= 0 or cfg.get("threads") != AUTO:
         return max(0, requested)
     return max(1, min(requested, budget()))
+
+
+# ------------------------------------------------------- parallel sweeps' workers
+#: The launcher whose workers are forked from a preloaded server (conf/hydra/launcher/).
+PARALLEL_LAUNCHER = "parallel"
+#: RODE_FORKSERVER=0: the parallel launcher's workers start as loky starts them (each a
+#: fresh interpreter that imports torch again).
+FORKSERVER_ENV = "RODE_FORKSERVER"
+#: What each worker of a parallel sweep would otherwise import again, on top of the task's
+#: module: rode's command line (the pickled Hydra app lives there), the launcher's job
+#: function, torch._dynamo (torch's optimizers import it when the first one is built) and
+#: scikit-learn's datasets (dataset=digits).
+PRELOAD = ("runner.cli", "hydra_plugins.hydra_joblib_launcher._core", "torch._dynamo",
+           "sklearn.datasets")
+#: Thread variables a worker gets (as joblib gives its own loky workers) unless already set.
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def launcher_jobs(overrides) -> int | None:
+    """The ``n_jobs`` of ``hydra/launcher=parallel`` on this command line (``None``: another
+    launcher, or none named); the launcher's default when no ``hydra.launcher.n_jobs`` is
+    given."""
+    values = dict(o.split("=", 1) for o in overrides if "=" in o)
+    if values.get("hydra/launcher") != PARALLEL_LAUNCHER:
+        return None
+    jobs = values.get("hydra.launcher.n_jobs")
+    if jobs is None:
+        from importlib.resources import files
+
+        from omegaconf import OmegaConf
+
+        try:   # the launcher's own default (runner.conf: the repo's conf/)
+            conf = files("runner.conf") / "hydra" / "launcher" / f"{PARALLEL_LAUNCHER}.yaml"
+            jobs = OmegaConf.create(conf.read_text()).get("n_jobs", 2)
+        except (OSError, ModuleNotFoundError):
+            jobs = 2
+    try:
+        jobs = int(jobs)
+    except (TypeError, ValueError):
+        return None   # the pre-flight reports the bad value
+    return max(1, usable_cores() + 1 + jobs) if jobs < 0 else max(1, jobs)
+
+
+def preload_workers(task_module: str, overrides) -> bool:
+    """Before a ``hydra/launcher=parallel`` sweep: have loky fork the workers from one
+    server process (multiprocessing's forkserver) that imports torch, ``task_module`` and
+    :data:`PRELOAD` once for the whole sweep. By default each loky worker is a fresh
+    interpreter that imports them again: 5-10 s of CPU per worker, and on a loaded machine,
+    where a sweep's processes share one share of the CPU, what made the parallel sweep
+    slower than its jobs one after the other (docs/scaling.md).
+
+    The server starts now, so that it imports while this process runs the pre-flight, with
+    the thread variables joblib gives its workers (``cores // n_jobs``) unless they are
+    set. Returns whether it started: only for ``hydra/launcher=parallel`` on the command
+    line with ``n_jobs`` above 1, unless ``RODE_FORKSERVER=0``."""
+    jobs = launcher_jobs(overrides)
+    if jobs is None or jobs < 2 or os.environ.get(FORKSERVER_ENV, "1").strip() == "0":
+        return False   # (n_jobs=1: joblib runs the jobs in this process)
+    import multiprocessing
+    from multiprocessing import forkserver
+
+    try:
+        from joblib.externals.loky.backend.context import set_start_method
+    except ImportError:   # no launcher plugins: the pre-flight says so
+        return False
+    multiprocessing.get_context("forkserver").set_forkserver_preload([task_module, *PRELOAD])
+    share = str(max(1, usable_cores() // jobs))
+    saved = {var: os.environ.get(var) for var in THREAD_VARS}
+    try:
+        for var in THREAD_VARS:
+            os.environ.setdefault(var, share)
+        forkserver.ensure_running()
+    finally:
+        for var, value in saved.items():
+            if value is None:
+                os.environ.pop(var, None)
+    set_start_method("forkserver", force=True)   # loky's workers: forked from that server
+    atexit.register(stop_server)
+    return True
+
+
+def stop_server() -> None:
+    """The forkserver goes with this process, at once, even while it is still importing
+    (a sweep whose pre-flight failed): by default it would finish its imports first."""
+    from multiprocessing import forkserver
+
+    server = getattr(forkserver, "_forkserver", None)
+    pid = getattr(server, "_forkserver_pid", None)
+    if pid is None:
+        return
+    with contextlib.suppress(OSError):
+        os.kill(pid, signal.SIGTERM)
+    with contextlib.suppress(Exception):   # closes its pipe, reaps it
+        server._stop()

@@ -148,3 +148,74 @@ def test_parallel_sweep_jobs_share_the_cores(tmp_path):
     logs = [p.read_text() for p in sweep.glob("*/train.log")]
     assert len(logs) == 2
     assert all(f"{share} torch threads (threads=auto" in text for text in logs), logs
+
+
+def test_the_parallel_launchers_job_count_is_read_from_the_command_line(bare):
+    assert threads.launcher_jobs(["seed=0,1", "hydra/launcher=parallel"]) == 2   # parallel.yaml
+    assert threads.launcher_jobs(["hydra/launcher=parallel", "hydra.launcher.n_jobs=4"]) == 4
+    assert threads.launcher_jobs(["hydra/launcher=parallel", "hydra.launcher.n_jobs=-1"]) == 6
+    assert threads.launcher_jobs(["hydra/launcher=parallel", "hydra.launcher.n_jobs=x"]) is None
+    assert threads.launcher_jobs(["hydra/launcher=local"]) is None
+    assert threads.launcher_jobs(["seed=0,1"]) is None
+
+
+# A parallel job that imports nothing: its parent process, whether the preloaded module was
+# there before it, and its thread variable (eval: pickled by reference, unlike a test function
+# whose module would import torch in the worker).
+WHERE = ("(__import__('os').getppid(), 'colorsys' in __import__('sys').modules, "
+         "__import__('os').environ.get('OMP_NUM_THREADS'))")
+
+
+def test_parallel_workers_are_forked_from_one_preloaded_server(bare, monkeypatch):
+    """hydra/launcher=parallel: loky's workers come from the forkserver started before the
+    sweep, which imported the task's module (so a worker imports nothing again) with the
+    thread variables of the jobs' share of the cores; the command's own environment stays
+    as it was. Not for other launchers, nor one job at a time, nor with RODE_FORKSERVER=0."""
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    from multiprocessing import forkserver
+
+    from joblib import Parallel, delayed
+    from joblib.externals.loky import get_reusable_executor
+    from joblib.externals.loky.backend import context
+
+    assert not threads.preload_workers("json", ["hydra/launcher=local"])
+    assert not threads.preload_workers("json", ["hydra/launcher=parallel", "hydra.launcher.n_jobs=1"])
+    monkeypatch.setenv(threads.FORKSERVER_ENV, "0")
+    assert not threads.preload_workers("json", ["hydra/launcher=parallel"])
+    monkeypatch.delenv(threads.FORKSERVER_ENV)
+    assert context.get_start_method() in (None, "loky")
+
+    monkeypatch.setattr(threads, "PRELOAD", ())        # the test's task module: colorsys
+    forkserver._forkserver._stop()                      # a server of another test: gone
+    try:
+        assert threads.preload_workers("colorsys", ["hydra/launcher=parallel"])
+        assert "OMP_NUM_THREADS" not in os.environ      # only the server's: 6 cores // 2 jobs
+        server = forkserver._forkserver._forkserver_pid
+        results = Parallel(n_jobs=2, backend="loky")(delayed(eval)(WHERE) for _ in range(2))
+        assert results == [(server, True, "3")] * 2, (server, results)
+    finally:
+        get_reusable_executor().shutdown(wait=True)
+        context.set_start_method(None, force=True)
+        threads.stop_server()
+
+
+def test_a_parallel_sweep_starts_the_server_before_its_pre_flight(bare, rode_cli, tmp_path):
+    """`rode -m ... hydra/launcher=parallel` starts the workers' server first (it imports
+    while the pre-flight runs); bad input is still one line, exit 2, nothing written."""
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    from multiprocessing import forkserver
+
+    from joblib.externals.loky.backend import context
+
+    forkserver._forkserver._stop()
+    try:
+        r = rode_cli("-m", "train", "seed=0,1", "threads=many", "hydra/launcher=parallel",
+                     f"hydra.sweep.dir={tmp_path / 'sweep'}")
+        assert r.code == 2 and len(r.err.strip().splitlines()) == 1, r.err
+        assert "threads='many'" in r.err and not (tmp_path / "sweep").exists()
+        assert forkserver._forkserver._forkserver_pid is not None
+        assert context.get_start_method() == "forkserver"
+    finally:
+        context.set_start_method(None, force=True)
+        threads.stop_server()
+    assert forkserver._forkserver._forkserver_pid is None
