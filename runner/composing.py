@@ -89,11 +89,12 @@ def _sources_stamp(loader) -> tuple | None:
     return tuple(stamp)
 
 
-def compose(config_name: str, overrides: list[str], return_hydra_config: bool = False):
+def compose(config_name: str, overrides: list[str], return_hydra_config: bool = False,
+            multirun: bool = False):
     """``hydra.compose(config_name, overrides, return_hydra_config)``, under an
     initialized GlobalHydra, reusing the composed defaults of an earlier call with the
-    same group overrides."""
-    from hydra import compose as hydra_compose
+    same group overrides. ``multirun``: as Hydra composes to read ``hydra.mode``
+    (``Hydra.get_mode``: sweeps allowed, a missing group default skipped)."""
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import ConfigCompositionException
@@ -104,14 +105,14 @@ def compose(config_name: str, overrides: list[str], return_hydra_config: bool = 
     overrides = list(overrides)
     loader = GlobalHydra.instance().hydra.config_loader
     parsed = OverridesParser.create().parse_overrides(overrides)
-    loader.validate_sweep_overrides_legal(overrides=parsed, run_mode=RunMode.RUN,
-                                          from_shell=False)
+    if not multirun:
+        loader.validate_sweep_overrides_legal(overrides=parsed, run_mode=RunMode.RUN,
+                                              from_shell=False)
     stamp = None
     if not any(o.get_key_element() == "hydra.searchpath" for o in parsed):
         stamp = _sources_stamp(loader)
     if stamp is None:
-        return hydra_compose(config_name=config_name, overrides=overrides,
-                             return_hydra_config=return_hydra_config)
+        return _hydra(config_name, overrides, return_hydra_config, multirun)
     base = (config_name, str(loader.config_search_path), stamp)
     repo = _REPOS.get(base)
     if repo is None:
@@ -120,20 +121,21 @@ def compose(config_name: str, overrides: list[str], return_hydra_config: bool = 
         _REPOS.clear()
         _REPOS[base] = repo
     # Hydra's split (defaults_list.Overrides): an override of a config group that is not
-    # a dict selects an option; every other one is applied to the composed config.
+    # a dict selects an option; every other one is applied to the composed config; a
+    # sweep is neither (a multirun's jobs get its values).
     group, values = [], []
     for o in parsed:
-        if not o.is_sweep_override() and repo.group_exists(o.key_or_group) \
-                and not isinstance(o.value(), dict):
+        if o.is_sweep_override():
+            continue
+        if repo.group_exists(o.key_or_group) and not isinstance(o.value(), dict):
             group.append(o)
         else:
             values.append(o)
-    key = (base, tuple(o.input_line for o in group))
+    key = (base, multirun, tuple(o.input_line for o in group))
     entry = _CACHE.get(key)
     if entry is None:
         # Hydra itself, with the group overrides only: its errors, its defaults
-        cfg = hydra_compose(config_name=config_name, overrides=[o.input_line for o in group],
-                            return_hydra_config=True)
+        cfg = _hydra(config_name, [o.input_line for o in group], True, multirun)
         task_lines = sum(not o.is_hydra_override() for o in group)
         hydra_lines = len(group) - task_lines
         with open_dict(cfg.hydra):   # back to the state before Hydra appended them
@@ -154,6 +156,25 @@ def compose(config_name: str, overrides: list[str], return_hydra_config: bool = 
                        return_hydra_config)
     except OmegaConfBaseException as e:   # as Hydra's load_configuration wraps them
         raise ConfigCompositionException().with_traceback(e.__traceback__) from e
+
+
+def _hydra(config_name, overrides, return_hydra_config, multirun):
+    """Hydra's own composition: ``hydra.compose``, or ``Hydra.get_mode``'s."""
+    from hydra import compose as hydra_compose
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.types import RunMode
+    from omegaconf import open_dict
+
+    if not multirun:
+        return hydra_compose(config_name=config_name, overrides=overrides,
+                             return_hydra_config=return_hydra_config)
+    cfg = GlobalHydra.instance().hydra.compose_config(
+        config_name=config_name, overrides=overrides, run_mode=RunMode.MULTIRUN,
+        with_log_configuration=False, validate_sweep_overrides=False)
+    if not return_hydra_config:
+        with open_dict(cfg):
+            del cfg["hydra"]
+    return cfg
 
 
 def _finish(loader, config_name, parsed, values, cfg, after, job_name, return_hydra_config):

@@ -94,3 +94,21 @@ def test_a_changed_config_file_is_read_again(rode_cli, tmp_path):
     mine.write_text(synthetic.replace("val_fraction: 0.1", "val_fraction: 3.5"))
     r = rode_cli("train", "--config-dir", conf, "dataset=mine")
     assert r.code == 2 and "dataset.val_fraction" in r.err and "3.5" in r.err, r.err
+
+
+@pytest.mark.parametrize("overrides", [["hydra.mode=MULTIRUN"], ["depth=4,8", "method=heun"],
+                                       ["experiment=bench"], ["hparams_search=optuna"],
+                                       ["dataset=synthetic,mnist"], ["nosuchkey=1"], []])
+def test_hydra_mode_as_hydra_reads_it(overrides):
+    """routes reads hydra.mode through composing (multirun=True), as Hydra.get_mode does."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    composing.clear()
+    with routes.initialize(None):
+        real = GlobalHydra.instance().hydra.get_mode(config_name="train", overrides=overrides)
+        for _ in range(2):
+            try:
+                mine = composing.compose("train", overrides, True, multirun=True).hydra.mode
+            except Exception:
+                mine = None
+            assert mine == real
