@@ -309,11 +309,12 @@ def validate_overrides(task: str, overrides: list[str], multirun: bool,
     """Compose and validate the config of every job the command line describes: the
     schema and rules of every job first (no torch), then the task's own checks, then
     the output dir. Nothing is written before all of them pass."""
-    from hydra import compose
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
     from omegaconf import OmegaConf, open_dict
     from omegaconf.errors import OmegaConfBaseException
+
+    from . import composing
 
     config_name = route.config_name if route is not None else task
     once.forget()   # a new command: what an earlier one in this process checked does not count
@@ -348,8 +349,8 @@ def validate_overrides(task: str, overrides: list[str], multirun: bool,
         dir_error = None
         for combo in _combinations(axes):
             try:
-                cfg = compose(config_name=config_name, overrides=[*combo, *hydra_overrides],
-                              return_hydra_config=True)
+                cfg = composing.compose(config_name, [*combo, *hydra_overrides],
+                                        return_hydra_config=True)
             except HydraException as e:
                 raise ConfigError(_hydra_message(e, list(combo), task)) from None
             try:
@@ -372,8 +373,8 @@ def validate_overrides(task: str, overrides: list[str], multirun: bool,
             for searched_point in (searched if len(jobs) == 1 else []):
                 # a sweeper's search space (hparams_search=...): every value it can take
                 try:
-                    point = compose(config_name=config_name,
-                                    overrides=[*combo, *hydra_overrides, *searched_point])
+                    point = composing.compose(config_name,
+                                              [*combo, *hydra_overrides, *searched_point])
                 except HydraException as e:
                     raise ConfigError("hydra.sweeper.params: "
                                       + _hydra_message(e, searched_point, task)) from None

@@ -163,12 +163,12 @@ def _may_set_mode(route: Route) -> bool:
 
 def _config_mode(route: Route) -> str | None:
     """hydra.mode as the config and overrides set it (``--run`` does not override it)."""
-    from hydra.core.global_hydra import GlobalHydra
+    from . import composing
 
     try:
-        with initialize(route):
-            mode = GlobalHydra.instance().hydra.get_mode(config_name=route.config_name,
-                                                         overrides=list(route.overrides))
+        with initialize(route):   # as Hydra.get_mode composes, its defaults cached
+            mode = composing.compose(route.config_name, list(route.overrides),
+                                     return_hydra_config=True, multirun=True).hydra.mode
     except ConfigError:
         raise
     except Exception:   # a bad override: validation reports it, in one line

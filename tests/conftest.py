@@ -82,13 +82,16 @@ def rode_cli(tmp_path, monkeypatch, capsys):
 
 
 def compose_config(task: str, overrides: list[str], out_dir):
-    """The real task config, composed as `rode <task> overrides` would, with out_dir set."""
-    from hydra import compose, initialize_config_module
+    """The real task config, composed as `rode <task> overrides` would, with out_dir set
+    (through the pre-flight's composition: Hydra's defaults once per group selection)."""
+    from hydra import initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
+
+    from runner import composing
 
     GlobalHydra.instance().clear()
     with initialize_config_module("runner.conf", version_base="1.3"):
-        cfg = compose(config_name=task, overrides=[*overrides, f"out_dir={out_dir}"])
+        cfg = composing.compose(task, [*overrides, f"out_dir={out_dir}"])
     GlobalHydra.instance().clear()
     return cfg
 
