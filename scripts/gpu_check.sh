@@ -12,7 +12,7 @@
 #                   8 x 128 tokens, amp) at depths 64, 256, 1024: backprop vs the adjoint (Euler)
 #                   and the exact coupled adjoint; time per step, peak memory
 #                   (torch.cuda.max_memory_allocated above the step's baseline), saved
-#                   activations (scripts/gpu_transformer.py; rode bench builds MLPs only)
+#                   activations (scripts/gpu_transformer.py; amp and CUDA peaks, which rode bench does not time)
 #     gradcheck     rode gradcheck in bfloat16 (and amp=true) for euler, heun, rev_heun,
 #                   momentum at depths 256 and 1024: the adjoint's gradient error against
 #                   backprop in float64, backprop's own bfloat16 error, the round-trip error
