@@ -32,7 +32,10 @@ def naming(path) -> Iterator[None]:
         yield
     except OSError as e:
         if not e.filename:
-            e.filename = str(path)
+            if e.errno is None:        # OSError("message"): keep the message, add the file
+                e.args = (f"{e}: {path}",)
+            else:
+                e.filename = str(path)
         raise
 
 
