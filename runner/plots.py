@@ -551,15 +551,19 @@ def _num(value) -> float:
 
 
 # ------------------------------------------------------------------- transfer
+BLOWN_UP = 100.0   # a cross-entropy above this: the network blew up (log 10 = 2.3 is chance)
+
+
 def plot_transfer(curves: dict, path: Path, name=str) -> Path:
     """Loss against lr (log-log), one curve per depth, one panel per (optimizer,
     parametrization, alpha): ``curves[panel][depth] = [(lr, loss, diverged, seeds)]``
     (loss: the median over seeds; inf when most seeds diverged, drawn as a cross at
-    the panel's top)."""
+    the panel's top; a finite loss above ``BLOWN_UP`` as a triangle there, so that one
+    blown-up network does not squash the trained curves into the panel's floor)."""
     panels = sorted(curves)
     alphas = sorted({p[2] for p in panels}, reverse=True)
     rows = sorted({p[:2] for p in panels})
-    fig, axes = plt.subplots(len(rows), len(alphas), squeeze=False,
+    fig, axes = plt.subplots(len(rows), len(alphas), squeeze=False, layout="constrained",
                              figsize=(PANEL[0] * len(alphas), PANEL[1] * len(rows)))
     depths = sorted({d for c in curves.values() for d in c})
     cmap = plt.get_cmap("viridis")
@@ -571,15 +575,19 @@ def plot_transfer(curves: dict, path: Path, name=str) -> Path:
             if panel not in curves:
                 ax.set_visible(False)
                 continue
-            finite = [v for d in curves[panel].values() for _, v, _, _ in d if math.isfinite(v)]
+            finite = [v for d in curves[panel].values() for _, v, _, _ in d
+                      if math.isfinite(v) and v <= BLOWN_UP]
             top = max(finite) * 1.5 if finite else 10.0
             for depth, curve in sorted(curves[panel].items()):
                 xs = [lr for lr, _, _, _ in curve]
-                ys = [v if math.isfinite(v) else np.nan for _, v, _, _ in curve]
+                ys = [v if v <= BLOWN_UP else np.nan for _, v, _, _ in curve]
                 ax.plot(xs, ys, marker="o", ms=3, color=colour[depth], label=f"N={depth}")
                 gone = [lr for lr, v, _, _ in curve if not math.isfinite(v)]
                 if gone:
                     ax.plot(gone, [top] * len(gone), "x", color=colour[depth], ms=6)
+                huge = [lr for lr, v, _, _ in curve if BLOWN_UP < v < math.inf]
+                if huge:
+                    ax.plot(huge, [top] * len(huge), "^", color=colour[depth], ms=5)
             ax.set_xscale("log")
             ax.set_yscale("log")
             ax.set_xlabel("lr")
