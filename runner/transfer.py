@@ -144,7 +144,8 @@ def predicted_slope(panel: tuple) -> float:
     optimizer, parametrization, alpha = panel
     rule = alpha - 1 if optimizer == "adam" else 2 * alpha - 1
     applied = math.log(depth_factors(parametrization, optimizer, 2, alpha)["lr"]) / math.log(2)
-    return rule - applied
+    # log2(2**e) is e only up to rounding: the report must print 0, not -5.55e-17
+    return round(rule - applied, 9) + 0.0
 
 
 @dataclass

@@ -69,6 +69,15 @@ def test_predictions_are_the_papers_rules(panel, slope):
     assert predicted_slope(panel) == pytest.approx(slope)
 
 
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+def test_completep_predicts_a_flat_best_lr_printed_as_zero(optimizer, alpha):
+    """CompleteP's rule cancels the rule of thumb exactly: the report prints 0, not -5.55e-17."""
+    from runner.reporting import fmt
+
+    assert fmt(predicted_slope((optimizer, "completep", alpha)), 3) == "0"
+
+
 TINY = ["epochs=1", "width=8", "dataset=synthetic", "dataset.num_samples=160", "grad=backprop",
         "schedule=constant", "monitor=train_loss", "progress=false", "device=cpu", "threads=1"]
 SEARCH = ["hparams_search=optuna", "hydra.sweeper.n_trials=3", "objective=train_loss",
