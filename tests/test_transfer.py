@@ -175,3 +175,25 @@ def test_report_measures_where_weights_converge_on_a_real_depth_sweep(tmp_path):
         w, o = distances(small, large)
         assert 0 < w < 1 and 0 < o < 1
         assert f"| init=smooth, alpha=1, euler, seed=0 | {n} vs {2 * n} | {w:.3g} | {o:.3g} |" in part
+
+
+def test_transfer_figure_keeps_trained_curves_readable_next_to_a_blown_up_one(tmp_path, monkeypatch):
+    """A depth whose loss blew up (1e25: alpha=0 at N = 256) is drawn as markers at the
+    panel's top; it must not stretch the axis over the trained curves (0.2 ... 0.5)."""
+    import runner.plots as plots
+
+    limits = []
+    real_save = plots._save
+
+    def keep_limits(fig, path):
+        limits.extend(ax.get_ylim() for ax in fig.axes if ax.get_visible())
+        return real_save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", keep_limits)
+    curves = {("adam", "standard", 0.0): {
+        4: [(1e-3, 0.5, 0, 1), (1e-2, 0.2, 0, 1), (3e-2, 0.3, 0, 1)],
+        256: [(1e-3, 6e25, 0, 1), (1e-2, 6e25, 0, 1), (3e-2, math.inf, 1, 1)]}}
+    out = plots.plot_transfer(curves, tmp_path / "transfer.png", str)
+    assert out.read_bytes()[:8] == PNG
+    (low, high), = limits
+    assert low < 0.2 and 0.5 < high < 10
