@@ -571,7 +571,8 @@ def plot_transfer(curves: dict, path: Path, name=str) -> Path:
     alphas = sorted({p[2] for p in panels}, reverse=True)
     rows = sorted({p[:2] for p in panels})
     fig, axes = plt.subplots(len(rows), len(alphas), squeeze=False,
-                             figsize=(PANEL[0] * len(alphas), PANEL[1] * len(rows)))
+                             figsize=(PANEL[0] * len(alphas), PANEL[1] * len(rows)),
+                             layout="constrained")   # labels inside the figure, not on the next row
     depths = sorted({d for c in curves.values() for d in c})
     cmap = plt.get_cmap("viridis")
     colour = {d: cmap(i / max(1, len(depths) - 1)) for i, d in enumerate(depths)}

@@ -226,3 +226,17 @@ def test_convergence_pareto_and_alpha_figures_speak_the_vocabulary(drawn, tmp_pa
     for name, (found, _) in drawn.items():
         assert found == [], f"{name}: {found}"
     assert set(drawn) == {"convergence.png", "pareto.png", "grad_error_alpha.png"}
+
+
+def test_the_transfer_figure_keeps_its_labels_inside(drawn, tmp_path):
+    """One panel (a study over depth and lr: one optimizer, one alpha) whose losses span
+    less than a decade (labelled minor ticks, 2x10^-1...), and two rows of panels with
+    diverged points: every label stays inside the figure, clear of the next row."""
+    def curve(n, top):
+        return [(lr, 0.15 + 0.5 * k / 3 if k < top else float("inf"), k >= top, 2)
+                for k, lr in enumerate((1e-4, 1e-3, 1e-2, 1e-1))]
+    one = {("adam", "standard", 1.0): {n: curve(n, 4) for n in (4, 16, 64, 256)}}
+    plots.plot_transfer(one, tmp_path / "transfer.png", lambda p: f"{p[0]}, alpha={p[2]:g}")
+    rows = {(opt, "standard", 1.0): {n: curve(n, 3) for n in (4, 16)} for opt in ("adam", "sgd")}
+    plots.plot_transfer(rows, tmp_path / "transfer_rows.png", lambda p: f"{p[0]}, alpha={p[2]:g}")
+    assert drawn["transfer.png"][0] == [] and drawn["transfer_rows.png"][0] == []
