@@ -221,8 +221,16 @@ class WriteFailed(RunFailed):
     checkpoint.pt'."""
 
     def __init__(self, error: OSError, path, epoch: int | None = None, step: int | None = None):
-        super().__init__(f"{os_error_cause(error)} while writing {Path(path).name}")
-        self.path, self.epoch, self.step = Path(path), epoch, step
+        path = Path(path)
+        failed = Path(error.filename) if error.filename else None
+        if failed is not None and not failed.name.startswith((path.name, f".{path.name}.")):
+            # the file that failed is another (a tracker's), not path or its temporary
+            name = (str(failed.relative_to(path.parent)) if failed.is_relative_to(path.parent)
+                    else str(failed))
+        else:
+            name = path.name
+        super().__init__(f"{os_error_cause(error)} while writing {name}")
+        self.path, self.epoch, self.step = path, epoch, step
 
 
 @contextlib.contextmanager

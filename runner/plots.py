@@ -154,7 +154,7 @@ def reference_slopes(ax, xs, ys, slopes=(-1.0, -2.0)) -> None:
 
 
 def _minus(s: float) -> str:
-    text = {-0.5: "-1/2"}.get(float(s), f"{s:g}")
+    text = {-0.5: "-1/2", 0.5: "+1/2"}.get(float(s), f"{s:+g}" if s > 0 else f"{s:g}")
     return text.replace("-", "\u2212")
 
 
@@ -378,11 +378,22 @@ def plot_test_error(series: dict[str, list[tuple]], path: Path) -> Path:
     return _save(fig, path)
 
 
+def _grad_error_guides(panel: str) -> tuple[float, ...]:
+    """The slopes a gradient-error panel expects: -1 (Euler) and -2 (Heun), with -1/2 for
+    i.i.d. weights; at a step h = N^-alpha the adjoint's N reverse steps, each off by
+    O(h^2) (Euler) or O(h^3) (Heun), give 1 - 2 alpha and 1 - 3 alpha."""
+    alpha = next((float(w.split("=", 1)[1]) for w in panel.replace(",", " ").split()
+                  if w.startswith("alpha=")), 1.0)
+    slopes = (1 - 2 * alpha, 1 - 3 * alpha) + ((-0.5,) if "iid" in panel else ())
+    return tuple(dict.fromkeys(round(s, 2) + 0.0 for s in slopes))
+
+
 def plot_grad_error(series: dict[str, list[tuple]], path: Path) -> Path:
     """series: label -> [(depth, error, lowest, highest)] (spread over layers), log-log.
     A label 'line | panel' puts the line in the panel of that name. Lines are the adjoint's
     error (dashed) unless the label names another gradient ('backprop': solid); grey guides
-    show the slopes -1 and -2 (and -1/2 in a panel of i.i.d. weights)."""
+    show the slopes -1 and -2 (and -1/2 in a panel of i.i.d. weights; 1 - 2 alpha and
+    1 - 3 alpha in a panel 'alpha=...')."""
     panels = _by_panel(series)
     fig, axes = _panels(len(panels), "adjoint vs backprop: relative gradient error "
                                      "(band: lowest to highest layer)",
@@ -397,7 +408,7 @@ def plot_grad_error(series: dict[str, list[tuple]], path: Path) -> Path:
             line, = ax.plot(d, e, ms=4, label=f"{label} (slope {fit_slope(d, e):+.2f})",
                             **{"marker": "o", **_style(label, default_grad="adjoint")})
             ax.fill_between(d, lo, hi, color=line.get_color(), alpha=0.12)
-        slopes = (-1.0, -2.0, -0.5) if "iid" in panel else (-1.0, -2.0)
+        slopes = _grad_error_guides(panel)
         reference_slopes(ax, [p[0] for p in errors], [p[1] for p in errors], slopes)
         _depth_axis(ax, depths)
         ax.set_yscale("log")
@@ -563,8 +574,9 @@ def plot_transfer(curves: dict, path: Path, name=str) -> Path:
     panels = sorted(curves)
     alphas = sorted({p[2] for p in panels}, reverse=True)
     rows = sorted({p[:2] for p in panels})
-    fig, axes = plt.subplots(len(rows), len(alphas), squeeze=False, layout="constrained",
-                             figsize=(PANEL[0] * len(alphas), PANEL[1] * len(rows)))
+    fig, axes = plt.subplots(len(rows), len(alphas), squeeze=False,
+                             figsize=(PANEL[0] * len(alphas), PANEL[1] * len(rows)),
+                             layout="constrained")   # labels inside the figure, not on the next row
     depths = sorted({d for c in curves.values() for d in c})
     cmap = plt.get_cmap("viridis")
     colour = {d: cmap(i / max(1, len(depths) - 1)) for i, d in enumerate(depths)}
@@ -599,52 +611,98 @@ def plot_transfer(curves: dict, path: Path, name=str) -> Path:
 
 
 # ---------------------------------------------------------------- convergence
+def _convergence_styles(labels: list[str]) -> dict[str, dict]:
+    """Line style and marker by the initialization (the vocabulary's second factor: smooth
+    dashed, i.i.d. dotted); colour by the method, or by what else tells the series apart
+    (alpha, ...) when one method has several."""
+    def split(label):
+        words = [w.strip() for w in label.split(",")]
+        init = next((w.split("=", 1)[1] for w in words if w.startswith("init=")), "")
+        return init, ", ".join(w for w in words if not w.startswith("init="))
+    rests = sorted({split(lab)[1] for lab in labels}, key=lambda r: ("alpha=1," not in r + ",", r))
+    methods = {r: next((w for w in r.replace(",", " ").split() if w in COLORS), None) for r in rests}
+    by_method = len(set(methods.values())) == len(rests) and None not in methods.values()
+    colour = {r: color_of(methods[r]) if by_method else _FALLBACK[k % len(_FALLBACK)]
+              for k, r in enumerate(rests)}
+    styles = {}
+    for lab in labels:
+        init, rest = split(lab)
+        line, marker = SECOND.get(init, ("-", "o"))
+        styles[lab] = {"color": colour[rest], "linestyle": line, "marker": marker}
+    return styles
+
+
 def plot_convergence(series: dict[str, list[tuple]], path: Path) -> Path:
     """Weights and outputs distance between depth N and 2N against N (log-log), one
-    line per series (``series[label] = [(N, weights, outputs)]``), slopes in the legend."""
-    fig, axes = _panels(2)
+    line per series (``series[label] = [(N, weights, outputs)]``), both fitted slopes in
+    the legend, a grey guide of the O(1/N) slope."""
+    fig, axes = _panels(2, "trained networks of depth N vs 2N from the same initial path: "
+                           "relative distance (fitted slopes in the legend)",
+                        width=2 * PANEL[0] + 2.6)
+    styles = _convergence_styles(list(series))
+    for label, points in sorted(series.items()):
+        xs = [p[0] for p in points]
+        slopes = [fit_slope(xs, [p[k] for p in points]) for k in (1, 2)]
+        signed = [f"{s:+.2f}".replace("-", "\u2212") for s in slopes]
+        text = f"{label}\nslope: weights {signed[0]}, outputs {signed[1]}"
+        for ax, k in ((axes[0], 1), (axes[1], 2)):
+            ax.plot(xs, [p[k] for p in points], ms=4, label=text, **styles[label])
     for ax, k, title in ((axes[0], 1, "trained weights, N vs 2N"),
                          (axes[1], 2, "outputs, N vs 2N")):
-        ns = set()
-        for label, points in sorted(series.items()):
-            xs = [p[0] for p in points]
-            ys = [p[k] for p in points]
-            ns.update(xs)
-            ax.plot(xs, ys, marker="o", label=f"{label} (slope {fit_slope(xs, ys):.2f})")
-        _depth_axis(ax, ns)
+        # The guide starts at the series the O(1/N) prediction is about (smooth, alpha = 1).
+        predicted = [lab for lab in series if "init=smooth" in lab and "alpha=1," in lab + ","]
+        pts = [(p[0], p[k]) for lab in predicted or series for p in series[lab]]
+        reference_slopes(ax, [p[0] for p in pts], [p[1] for p in pts], (-1.0,))
+        pts = [(p[0], p[k]) for points in series.values() for p in points]
+        _depth_axis(ax, [p[0] for p in pts])
         ax.set_yscale("log")
         ax.set_title(title, fontsize=9)
         ax.set_ylabel("relative distance")
-        ax.legend(fontsize=6)
+    _fig_legend(fig, axes)
     return _save(fig, path)
 
 
 def plot_pareto(points: list[dict], path: Path, memory_label: str = "model memory of a step") -> Path:
-    """An accuracy/memory study: one point per trial, memory (bytes, log x) against
-    validation accuracy; colour: grad mode (and vjp), marker: method; Pareto-optimal
-    trials circled and joined as the front. points: dicts with ``memory``, ``acc``,
-    ``grad``, ``method``, ``pareto``."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    """An accuracy/memory study: one point per trial, memory (MiB, log x) against
+    validation accuracy; colour: grad mode (and vjp) in the vocabulary's colours (backprop,
+    adjoint, the shared vjp), marker: method; Pareto-optimal trials circled, labelled with
+    their depth and joined as the front. points: dicts with ``memory`` (bytes), ``acc``,
+    ``grad``, ``method``, ``pareto`` and optionally ``depth``."""
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    fig, ax = plt.subplots(figsize=(8.2, 4.6), layout="constrained")
+    mib = 1 / 2**20
     grads = sorted({p["grad"] for p in points})
     methods = sorted({p["method"] for p in points})
-    colours = {g: f"C{i}" for i, g in enumerate(grads)}
-    markers = {m: "osD^v<>pP*X"[i % 11] for i, m in enumerate(methods)}
+
+    def colour(grad):   # 'adjoint (shared vjp)' is the shared adjoint's colour
+        return color_of("adjoint_shared" if grad.startswith("adjoint") and "shared" in grad
+                        else grad.split()[0])
     for g in grads:
         for m in methods:
             pts = [p for p in points if p["grad"] == g and p["method"] == m]
             if pts:
-                ax.scatter([p["memory"] for p in pts], [100 * p["acc"] for p in pts],
-                           c=colours[g], marker=markers[m], s=30, label=f"{g}, {m}")
+                ax.plot([p["memory"] * mib for p in pts], [100 * p["acc"] for p in pts],
+                        color=colour(g), marker=marker_of(m), ms=5.5, linestyle="none",
+                        label=f"{g}, {m}")
     front = sorted((p for p in points if p["pareto"]), key=lambda p: p["memory"])
     if front:
-        ax.plot([p["memory"] for p in front], [100 * p["acc"] for p in front], "k--", lw=0.8,
-                drawstyle="steps-post", label="Pareto front")
-        ax.scatter([p["memory"] for p in front], [100 * p["acc"] for p in front], s=140,
-                   facecolors="none", edgecolors="k", linewidths=1.0)
+        xs, ys = [p["memory"] * mib for p in front], [100 * p["acc"] for p in front]
+        ax.plot(xs, ys, color="0.3", linestyle="--", lw=0.8, drawstyle="steps-post",
+                label="Pareto front")
+        ax.scatter(xs, ys, s=140, facecolors="none", edgecolors="k", linewidths=1.0)
+        for p, x, y in zip(front, xs, ys, strict=True):
+            if p.get("depth") is not None:
+                ax.annotate(f"N={p['depth']}", (x, y), textcoords="offset points",
+                            xytext=(8, -10), fontsize=7)
     ax.set_xscale("log")
-    ax.set_xlabel(f"{memory_label} (bytes, log scale)")
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+    ax.set_xlabel(f"{memory_label} (MiB, log scale)")
     ax.set_ylabel("validation accuracy (%)")
-    ax.set_title("accuracy vs memory (circled: Pareto-optimal)", fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.set_title("accuracy vs memory, one point per trial (circled: Pareto-optimal)",
+                 fontsize=10)
+    ax.grid(True, which="major", alpha=0.3)
+    _legend(ax, title="grad, method")
     return _save(fig, path)

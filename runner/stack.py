@@ -16,6 +16,13 @@ from .walk import Structure, compose, hooks_anywhere, modules_of, plain_call
 _BatchNorm = nn.modules.batchnorm._BatchNorm
 _Dropout = nn.modules.dropout._DropoutNd
 _SPECIAL = (_BatchNorm, _Dropout)
+
+
+def _draws(dropout: nn.Module) -> bool:
+    """Whether a dropout module draws random numbers when called: in training mode
+    with p > 0 (at p = 0 torch returns its input without drawing). Should a module
+    draw anyway, the adjoint's guard sees the random state move and replays."""
+    return dropout.training and dropout.p > 0
 _SEQUENTIAL_FORWARD = nn.Sequential.forward
 
 
@@ -61,14 +68,20 @@ class Layout:
         of_function: for each function index, the distinct trainable parameters of
             that function (tied functions share one list).
         batchnorms: the functions' BatchNorm modules (see :meth:`recomputing`).
-        dropout: whether a dropout module of the stack is in training mode.
+        dropouts: the functions' dropout modules.
+        dropout: whether one of them draws random numbers now (training mode and
+            p > 0: read at each use, so a flag or a p changed since the walk is seen).
     """
 
     calls: list
     parameters: list
     of_function: list
     batchnorms: list
-    dropout: bool
+    dropouts: list
+
+    @property
+    def dropout(self) -> bool:
+        return any(map(_draws, self.dropouts))
 
 
 class ResidualStack(nn.Module):
@@ -93,7 +106,7 @@ class ResidualStack(nn.Module):
             each call then draws from its own seeded stream (the CPU generator's,
             and the CUDA device's of the input), the same in the forward pass and
             in the rebuild. ``None`` (default) turns it on when a dropout module
-            in training mode is present; ``True`` always. Whatever the value, an
+            in training mode with p > 0 is present; ``True`` always. Whatever the value, an
             adjoint pass whose forward pass drew random numbers without replay
             (randomness not from ``nn.Dropout``) is run again with replay on, and
             replay stays on for this stack from then on: the gradient is exact,
@@ -241,8 +254,8 @@ class ResidualStack(nn.Module):
         for name, child in self._modules.items():   # modules a subclass added
             if name != "functions" and child is not None:
                 visit(child, [])
-        return Layout(calls, params, of_function, batchnorms,
-                      any(m.training for m in special if isinstance(m, _Dropout)))
+        dropouts = [m for m in dict.fromkeys(special) if isinstance(m, _Dropout)]
+        return Layout(calls, params, of_function, batchnorms, dropouts)
 
     @property
     def last_roundtrip_error(self) -> float | None:
@@ -259,7 +272,7 @@ class ResidualStack(nn.Module):
         wanted = self.preserve_rng
         if wanted is None:
             wanted = layout.dropout if layout is not None else any(
-                isinstance(m, _Dropout) and m.training for m in modules_of(self))
+                isinstance(m, _Dropout) and _draws(m) for m in modules_of(self))
         if not wanted and not self.__dict__.get("_random", False):
             return None
         return int(torch.randint(0, 2**62, (1,)).item())

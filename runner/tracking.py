@@ -22,7 +22,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from . import names
-from .io import flatten
+from .io import flatten, naming
 
 
 def _number(v) -> bool:
@@ -54,6 +54,7 @@ class TensorBoard:
         from torch.utils.tensorboard import SummaryWriter
 
         self.log_dir = Path(opts.get("save_dir") or out_dir / "tensorboard")
+        self.where = self.log_dir   # what a failed write names
         self.writer = SummaryWriter(str(self.log_dir))
         self.config = config
         self.writer.add_text("config", "\n".join(f"    {k}: {v}" for k, v in _hparams(config).items()))
@@ -87,6 +88,7 @@ class WandB:
         import wandb
 
         run_id = saved.get("wandb_id") or opts.get("id") or uuid.uuid4().hex[:8]
+        self.where = Path(opts.get("save_dir") or out_dir) / "wandb"
         self.run = wandb.init(project=opts.get("project") or "rode", name=opts.get("name"),
                               dir=str(opts.get("save_dir") or out_dir), mode=opts.get("mode") or "offline",
                               id=run_id, resume="allow", config=config, reinit="create_new")
@@ -123,7 +125,7 @@ class MLflow:
         if uri.startswith("file:"):   # MLflow 3 asks for this to keep using a file store
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         self.client = MlflowClient(tracking_uri=uri)
-        self.uri = uri
+        self.uri = self.where = uri
         name = opts.get("experiment_name") or "rode"
         exp = self.client.get_experiment_by_name(name)
         exp_id = exp.experiment_id if exp else self.client.create_experiment(name)
@@ -203,7 +205,8 @@ class Trackers:
             return
         step = int(line.get("step", 0) or 0)
         for b in self.backends.values():
-            b.log(hook, line, step)
+            with naming(b.where):   # a full disk names the tracker's files, as for ours
+                b.log(hook, line, step)
 
     def state(self) -> dict:
         out = {}
@@ -213,7 +216,8 @@ class Trackers:
 
     def finish(self, summary: dict) -> None:
         for b in self.backends.values():
-            b.finish(summary)
+            with naming(b.where):
+                b.finish(summary)
         self._closed = True
 
     def close(self) -> None:

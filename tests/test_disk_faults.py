@@ -75,3 +75,18 @@ def test_a_full_disk_while_logging_a_measurement_names_metrics_jsonl(rode_cli, t
                  "hooks.smoothness.every=1", f"hydra.run.dir={run}")
     one_line_naming(r, "train", "no space left on device", "metrics.jsonl")
     assert json.loads((run / "summary.json").read_text())["status"] == "failed"
+
+
+def test_a_full_disk_under_a_tracker_names_the_trackers_dir(rode_cli, tmp_path, monkeypatch):
+    """A tracker's own files (TensorBoard's event file here) are written by its library,
+    which reports a full disk without a file name: the error names the tracker's dir."""
+    pytest.importorskip("tensorboard")
+    from torch.utils.tensorboard import SummaryWriter
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(SummaryWriter, "add_scalar", full)
+    run = tmp_path / "run"
+    r = rode_cli("train", *TINY, "epochs=1", "logger=tensorboard", f"hydra.run.dir={run}")
+    one_line_naming(r, "train", "no space left on device while writing tensorboard", str(run))
+    assert json.loads((run / "summary.json").read_text())["status"] == "failed"

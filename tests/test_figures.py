@@ -176,3 +176,67 @@ def test_every_figure_is_readable_in_its_hardest_case(drawn, tmp_path):
     assert {"slope \u22121 (guide)", "slope \u22122 (guide)", "slope \u22121/2 (guide)"} <= set(
         drawn["grad_error.png"][1])
     assert "slope \u22121/2 (guide)" in drawn["discretization.png"][1]
+
+
+def test_convergence_pareto_and_alpha_figures_speak_the_vocabulary(drawn, tmp_path, monkeypatch):
+    """The convergence figure (init as line style, O(1/N) guide, both slopes in one legend),
+    the accuracy/memory front (grad modes in their colours, methods as markers, legend
+    outside) and the gradient error at alpha < 1 (guides at the predicted 1 - 2 alpha) are
+    readable in their hardest case: series that differ only in alpha or only in method."""
+    styles = {}
+    save = plots._save
+
+    def capture(fig, path):   # each line's colour and marker, as drawn
+        for ax in fig.axes:
+            for line in ax.lines:
+                styles.setdefault(path.name, {})[line.get_label()] = (line.get_color(),
+                                                                      line.get_marker(),
+                                                                      line.get_linestyle())
+        return save(fig, path)
+    monkeypatch.setattr(plots, "_save", capture)
+
+    series = {f"init={i}, alpha={a}, euler, seed=0": [(n, 1.4 if i == "iid" else 0.05 / n,
+                                                        0.04 / n) for n in (4, 8, 16, 32)]
+              for i in ("smooth", "iid") for a in ("1", "0.5")}
+    plots.plot_convergence(series, tmp_path / "convergence.png")
+    drawn_conv = {k.split("\n")[0]: v for k, v in styles["convergence.png"].items()}
+    assert "slope \u22121 (guide)" in drawn_conv
+    assert any("slope: weights \u22121.00, outputs \u22121.00" in k
+               for k in styles["convergence.png"])
+    assert len({drawn_conv[lab] for lab in series}) == 4   # four series, four looks
+    assert drawn_conv["init=iid, alpha=1, euler, seed=0"][1:] == plots.SECOND["iid"][::-1]
+
+    points = [{"grad": g, "method": m, "depth": d, "memory": 2**20 * d, "acc": 0.8 + 0.01 * k,
+               "pareto": m == "euler" and g == "backprop"}
+              for k, (g, m, d) in enumerate(
+                  (g, m, d) for g in ("backprop", "adjoint (exact vjp)", "adjoint (shared vjp)")
+                  for m in ("euler", "heun") for d in (4, 16, 64, 256))]
+    plots.plot_pareto(points, tmp_path / "pareto.png", "model_memory_bytes")
+    pareto = styles["pareto.png"]
+    assert pareto["backprop, euler"][:2] == (plots.color_of("backprop"), plots.marker_of("euler"))
+    assert pareto["adjoint (exact vjp), heun"][:2] == (plots.color_of("adjoint"),
+                                                        plots.marker_of("heun"))
+    assert pareto["adjoint (shared vjp), euler"][0] == plots.color_of("adjoint_shared")
+
+    grad_error = {f"euler | alpha={a}": [(n, 0.1 * n ** (1 - 2 * a), 0.01, 1.0)
+                                         for n in (8, 64, 512)] for a in (0.0, 0.5, 1.0)}
+    plots.plot_grad_error(grad_error, tmp_path / "grad_error_alpha.png")
+    assert {"slope +1 (guide)", "slope 0 (guide)", "slope \u22121 (guide)"} <= set(
+        styles["grad_error_alpha.png"])
+    for name, (found, _) in drawn.items():
+        assert found == [], f"{name}: {found}"
+    assert set(drawn) == {"convergence.png", "pareto.png", "grad_error_alpha.png"}
+
+
+def test_the_transfer_figure_keeps_its_labels_inside(drawn, tmp_path):
+    """One panel (a study over depth and lr: one optimizer, one alpha) whose losses span
+    less than a decade (labelled minor ticks, 2x10^-1...), and two rows of panels with
+    diverged points: every label stays inside the figure, clear of the next row."""
+    def curve(n, top):
+        return [(lr, 0.15 + 0.5 * k / 3 if k < top else float("inf"), k >= top, 2)
+                for k, lr in enumerate((1e-4, 1e-3, 1e-2, 1e-1))]
+    one = {("adam", "standard", 1.0): {n: curve(n, 4) for n in (4, 16, 64, 256)}}
+    plots.plot_transfer(one, tmp_path / "transfer.png", lambda p: f"{p[0]}, alpha={p[2]:g}")
+    rows = {(opt, "standard", 1.0): {n: curve(n, 3) for n in (4, 16)} for opt in ("adam", "sgd")}
+    plots.plot_transfer(rows, tmp_path / "transfer_rows.png", lambda p: f"{p[0]}, alpha={p[2]:g}")
+    assert drawn["transfer.png"][0] == [] and drawn["transfer_rows.png"][0] == []

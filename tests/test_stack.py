@@ -233,3 +233,27 @@ def test_adjoint_recomputes_under_the_forward_autocast():
     assert grads["adjoint"].dtype == torch.float32
     # bfloat16 has ~3 significant digits: the two agree to that precision
     assert ((grads["adjoint"] - grads["backprop"]).norm() / grads["backprop"].norm()) < 0.1
+
+
+def test_dropout_at_p_zero_needs_no_replay_and_p_above_zero_does():
+    # At p = 0 torch's dropout returns its input without drawing: no replayed
+    # streams (each costs a fork of the RNG per call), and the gradient is still
+    # backprop's. At p > 0 (or p raised later) the masks are replayed.
+    torch.manual_seed(0)
+    dropout = nn.Dropout(0.0)
+    functions = [nn.Sequential(nn.Linear(8, 8), nn.Tanh(), dropout, nn.Linear(8, 8)).double()
+                 for _ in range(16)]
+    stack = ResidualStack(functions, "euler", "adjoint")
+    assert stack.new_pass_seed(stack.layout()) is None
+    assert stack.new_pass_seed() is None
+    x = torch.randn(5, 8, dtype=torch.float64)
+    exact = flat_grads(ResidualStack(functions, "euler", "backprop"), x)
+    assert ((flat_grads(stack, x) - exact).norm() / exact.norm()).item() < 0.02
+    dropout.p = 0.3
+    assert stack.new_pass_seed() is not None
+    assert stack.new_pass_seed(stack.layout()) is not None
+    torch.manual_seed(1)
+    adjoint = flat_grads(stack, x)
+    torch.manual_seed(1)
+    exact = flat_grads(ResidualStack(functions, "euler", "backprop"), x)
+    assert ((adjoint - exact).norm() / exact.norm()).item() < 0.02
