@@ -29,6 +29,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from .io import flatten
 from .reporting import Job, fmt, num, table
 
 DIVERGED = "loss became"   # the engine's message for a non-finite loss
@@ -84,10 +85,27 @@ def points(jobs: list[Job]) -> list[Point]:
     return out
 
 
+# What may differ between the jobs of a transfer sweep: the grid, the seeds, the panels.
+SWEPT = frozenset({"lr", "depth", "seed", "alpha", "optimizer", "parametrization", "out_dir"})
+
+
+def varied_keys(jobs: list[Job]) -> set[str]:
+    """The config keys (flattened) whose values differ between the jobs."""
+    seen: dict[str, set] = defaultdict(set)
+    for j in jobs:
+        for k, v in flatten(j.config or {}).items():
+            seen[k].add(repr(v))
+    return {k for k, v in seen.items() if len(v) > 1}
+
+
 def is_transfer_sweep(jobs: list[Job]) -> bool:
-    """Train jobs over at least 3 learning rates and 2 depths."""
+    """Train jobs over at least 3 learning rates and 2 depths that differ in nothing else
+    but the seed and the panel (optimizer, parametrization, alpha): a study that also
+    varies the grad mode, the method or the width is not one (its losses at one lr and
+    depth would mix different models)."""
     ps = points(jobs)
-    return len({p.lr for p in ps}) >= 3 and len({p.depth for p in ps}) >= 2
+    return (len({p.lr for p in ps}) >= 3 and len({p.depth for p in ps}) >= 2
+            and varied_keys([j for j in jobs if "lr" in (j.config or {})]) <= SWEPT)
 
 
 def best_lr(curve: list[tuple[float, float]]) -> tuple[float, bool] | None:
@@ -192,9 +210,9 @@ def analyse(ps: list[Point]) -> Analysis:
 def section(jobs: list[Job], out: Path, figures: list[str]) -> str:
     """The report's transfer section (figure transfer.png, tables), or '' when the
     jobs are not a transfer sweep."""
-    ps = points(jobs)
-    if len({p.lr for p in ps}) < 3 or len({p.depth for p in ps}) < 2:
+    if not is_transfer_sweep(jobs):
         return ""
+    ps = points(jobs)
     result = analyse(ps)
     from .plots import plot_transfer  # matplotlib: only when a report is drawn
     plot_transfer(result.curves, out / "transfer.png", panel_name)

@@ -197,3 +197,30 @@ def test_transfer_figure_keeps_trained_curves_readable_next_to_a_blown_up_one(tm
     assert out.read_bytes()[:8] == PNG
     (low, high), = limits
     assert low < 0.2 and 0.5 < high < 10
+
+
+def test_a_study_that_also_varies_the_model_is_not_a_transfer_sweep(tmp_path):
+    # An Optuna study over depth, lr, grad and method spans an lr x depth grid, but
+    # its losses at one (lr, depth) mix models: the report draws no transfer section.
+    from pathlib import Path
+
+    from runner.reporting import Job
+    from runner.transfer import is_transfer_sweep, section
+
+    def job(i, depth, lr, **more):
+        config = {"depth": depth, "lr": lr, "seed": 0, "out_dir": f"/x/{i}",
+                  "dataset": {"name": "digits"}, **more}
+        return Job(Path(f"/x/{i}"), str(i), "train", "completed", config=config,
+                   summary={"train_loss": 1.0 / (1 + i)})
+
+    grid = [(d, lr) for d in (4, 16) for lr in (1e-3, 1e-2, 1e-1)]
+    plain = [job(i, d, lr, grad="adjoint") for i, (d, lr) in enumerate(grid)]
+    assert is_transfer_sweep(plain)
+    mixed = [job(i, d, lr, grad=("adjoint", "backprop")[i % 2]) for i, (d, lr) in enumerate(grid)]
+    assert not is_transfer_sweep(mixed)
+    figures: list = []
+    assert section(mixed, tmp_path, figures) == "" and figures == []
+    # the panels and seeds may differ: two alphas, two seeds
+    panels = [job(i, d, lr, grad="adjoint", alpha=a, seed=s) for i, (d, lr, a, s) in
+              enumerate((d, lr, a, s) for d, lr in grid for a in (0.5, 1.0) for s in (0, 1))]
+    assert is_transfer_sweep(panels)
