@@ -30,8 +30,10 @@ def test_help_lists_tasks_and_config(rode_cli):
 
 
 def test_train_writes_metrics_summary_checkpoint(tmp_path):
+    # the installed console script, end to end (synthetic data: no scikit-learn to import)
     run_dir = tmp_path / "run"
-    out = rode("train", *FAST, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    out = rode("train", *FAST, "dataset=synthetic", "dataset.num_samples=400",
+               f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "test accuracy" in out.stdout
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
