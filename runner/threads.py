@@ -173,14 +173,16 @@ FORKSERVER_ENV = "RODE_FORKSERVER"
 #: function.
 PRELOAD = ("runner.cli", "hydra_plugins.hydra_joblib_launcher._core")
 #: What a task's jobs import when they run, beyond its module: torch._dynamo (torch's
-#: optimizers import it when the first one is built) and scikit-learn's datasets
-#: (dataset=digits, the default of train, gradcheck and memory; finetune's comes from its
-#: checkpoint). A task not listed (bench, discretization, report) needs neither.
+#: optimizers import it when the first one is built, torch.utils.checkpoint when it first
+#: runs: bench's checkpoint contender) and scikit-learn's datasets (dataset=digits, the
+#: default of train, gradcheck and memory; finetune's comes from its checkpoint). A task
+#: not listed (discretization, report) needs neither.
 TASK_PRELOAD = {"runner.tasks.train": ("torch._dynamo", "sklearn.datasets"),
                 "runner.tasks.finetune": ("torch._dynamo", "sklearn.datasets"),
                 "runner.tasks.memory": ("torch._dynamo", "sklearn.datasets"),
                 "runner.tasks.gradcheck": ("sklearn.datasets",),
-                "runner.tasks.linear": ("torch._dynamo",)}
+                "runner.tasks.linear": ("torch._dynamo",),
+                "runner.tasks.bench": ("torch._dynamo",)}
 #: Datasets whose builder imports scikit-learn.
 SKLEARN_DATASETS = ("digits",)
 #: Thread variables a worker gets (as joblib gives its own loky workers) unless already set.

@@ -238,6 +238,8 @@ def test_the_workers_server_preloads_only_what_the_task_imports():
         ["runner.tasks.gradcheck", *base, "sklearn.datasets"]
     assert threads.preload_modules("runner.tasks.linear", []) == \
         ["runner.tasks.linear", *base, "torch._dynamo"]
-    for task in ("bench", "discretization", "report"):
+    assert threads.preload_modules("runner.tasks.bench", []) == \
+        ["runner.tasks.bench", *base, "torch._dynamo"]
+    for task in ("discretization", "report"):
         assert threads.preload_modules(f"runner.tasks.{task}", []) == [f"runner.tasks.{task}", *base]
     assert set(threads.TASK_PRELOAD) <= {t.module for t in TASKS.values()}
