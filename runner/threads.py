@@ -174,7 +174,7 @@ FORKSERVER_ENV = "RODE_FORKSERVER"
 PRELOAD = ("runner.cli", "hydra_plugins.hydra_joblib_launcher._core")
 #: What a task's jobs import when they run, beyond its module: torch._dynamo (torch's
 #: optimizers import it when the first one is built, torch.utils.checkpoint when it first
-#: runs: bench's checkpoint contender) and scikit-learn's datasets (dataset=digits, the
+#: checkpoints a segment: bench's checkpoint contender) and scikit-learn's datasets (dataset=digits, the
 #: default of train, gradcheck and memory; finetune's comes from its checkpoint). A task
 #: not listed (discretization, report) needs neither.
 TASK_PRELOAD = {"runner.tasks.train": ("torch._dynamo", "sklearn.datasets"),
