@@ -151,14 +151,15 @@ def _main(argv: list[str] | None = None) -> None:
             print(note, file=sys.stderr)
         # Hydra writes .hydra/ into a job's dir before the job's own check of that dir
         # can run: a task that writes runs writes it itself, after the check.
+        workers = _worker_overrides()
         later = (route.output_subdir if TASKS[task].writes_runs and not route.only_prints
-                 and not _worker_overrides() else None)
+                 and not workers else None)
         # Until here nothing was written: Ctrl-C ended the process with one line (an
         # interrupt inside Hydra's or OmegaConf's code could surface as another error).
         # From here on, the run's own handlers say what was kept.
         if _EARLY and signal.getsignal(signal.SIGINT) is _interrupted_early:
             signal.signal(signal.SIGINT, signal.default_int_handler)
-        _run_hydra_app(task, flags + overrides + _worker_overrides()
+        _run_hydra_app(task, flags + overrides + workers
                        + ([routes.NO_HYDRA_DIR] if later is not None else []), later)
     except routes.AlreadyFinished as done:   # resume=auto on a finished run: nothing to do
         print(f"rode {task}: {done}", flush=True)

@@ -28,6 +28,7 @@ import contextlib
 import logging
 import math
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -168,11 +169,22 @@ PARALLEL_LAUNCHER = "parallel"
 #: fresh interpreter that imports torch again).
 FORKSERVER_ENV = "RODE_FORKSERVER"
 #: What each worker of a parallel sweep would otherwise import again, on top of the task's
-#: module: rode's command line (the pickled Hydra app lives there), the launcher's job
-#: function, torch._dynamo (torch's optimizers import it when the first one is built) and
-#: scikit-learn's datasets (dataset=digits).
-PRELOAD = ("runner.cli", "hydra_plugins.hydra_joblib_launcher._core", "torch._dynamo",
-           "sklearn.datasets")
+#: module: rode's command line (the pickled Hydra app lives there) and the launcher's job
+#: function.
+PRELOAD = ("runner.cli", "hydra_plugins.hydra_joblib_launcher._core")
+#: What a task's jobs import when they run, beyond its module: torch._dynamo (torch's
+#: optimizers import it when the first one is built, torch.utils.checkpoint when it first
+#: checkpoints a segment: bench's checkpoint contender) and scikit-learn's datasets (dataset=digits, the
+#: default of train, gradcheck and memory; finetune's comes from its checkpoint). A task
+#: not listed (discretization, report) needs neither.
+TASK_PRELOAD = {"runner.tasks.train": ("torch._dynamo", "sklearn.datasets"),
+                "runner.tasks.finetune": ("torch._dynamo", "sklearn.datasets"),
+                "runner.tasks.memory": ("torch._dynamo", "sklearn.datasets"),
+                "runner.tasks.gradcheck": ("sklearn.datasets",),
+                "runner.tasks.linear": ("torch._dynamo",),
+                "runner.tasks.bench": ("torch._dynamo",)}
+#: Datasets whose builder imports scikit-learn.
+SKLEARN_DATASETS = ("digits",)
 #: Thread variables a worker gets (as joblib gives its own loky workers) unless already set.
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
@@ -202,13 +214,28 @@ def launcher_jobs(overrides) -> int | None:
     return max(1, usable_cores() + 1 + jobs) if jobs < 0 else max(1, jobs)
 
 
+def preload_modules(task_module: str, overrides) -> list[str]:
+    """What the workers' server imports for a sweep of ``task_module``: the module,
+    :data:`PRELOAD`, and what the task's jobs import (:data:`TASK_PRELOAD`), less
+    scikit-learn where every ``dataset=`` value on the command line is another dataset.
+    (A module left out is only imported by each worker itself, as without the server.)"""
+    extra = TASK_PRELOAD.get(task_module, ())
+    values = [o.split("=", 1)[1] for o in overrides
+              if "=" in o and o.split("=", 1)[0].lstrip("+~") == "dataset"]
+    # dataset=synthetic, dataset=synthetic,text, dataset=choice(text,digits): the names in it
+    if values and not any(name in SKLEARN_DATASETS
+                          for v in values for name in re.findall(r"\w+", v)):
+        extra = tuple(m for m in extra if not m.startswith("sklearn"))
+    return [task_module, *PRELOAD, *extra]
+
+
 def preload_workers(task_module: str, overrides) -> bool:
     """Before a ``hydra/launcher=parallel`` sweep: have loky fork the workers from one
     server process (multiprocessing's forkserver) that imports torch, ``task_module`` and
-    :data:`PRELOAD` once for the whole sweep. By default each loky worker is a fresh
-    interpreter that imports them again: 5-10 s of CPU per worker, and on a loaded machine,
-    where a sweep's processes share one share of the CPU, what made the parallel sweep
-    slower than its jobs one after the other (docs/scaling.md).
+    what its jobs need (:func:`preload_modules`) once for the whole sweep. By default each
+    loky worker is a fresh interpreter that imports them again: 5-10 s of CPU per worker,
+    and on a loaded machine, where a sweep's processes share one share of the CPU, what
+    made the parallel sweep slower than its jobs one after the other (docs/scaling.md).
 
     The server starts now, so that it imports while this process runs the pre-flight, with
     the thread variables joblib gives its workers (``cores // n_jobs``) unless they are
@@ -224,7 +251,8 @@ def preload_workers(task_module: str, overrides) -> bool:
         from joblib.externals.loky.backend.context import set_start_method
     except ImportError:   # no launcher plugins: the pre-flight says so
         return False
-    multiprocessing.get_context("forkserver").set_forkserver_preload([task_module, *PRELOAD])
+    preload = preload_modules(task_module, overrides)
+    multiprocessing.get_context("forkserver").set_forkserver_preload(preload)
     share = str(max(1, usable_cores() // jobs))
     saved = {var: os.environ.get(var) for var in THREAD_VARS}
     try:

@@ -65,7 +65,7 @@ if [[ $MODE == smoke ]]; then
   DEEP=(depths=[32] methods=[euler,heun] width=8 batch_size=8 memory=false)
   TF=(--device cpu --depths 2,4 --width 16 --heads 2 --batch 2 --tokens 8 --vocab 16
       --warmup 0 --repeats 1)
-  GC_SIZE=(depth=8,32 width=8 batch_size=32); GC_RUNS=8   # 4 methods x 2 depths
+  GC_SIZE=(depth=8 width=8 batch_size=32); GC_RUNS=4   # 4 methods, one depth
   CONV=(dataset.shape=[3,8,8] dataset.num_samples=64 depth=2 width=4 batch_size=16
         eval_batch_size=64 threads=1)
   TRAIN=(dataset=synthetic dataset.num_samples=64 depth=4 width=8 batch_size=16 epochs=1 threads=1)

@@ -3,6 +3,7 @@
 Only the private features that this torch has are compared (compat.AVAILABLE says which);
 the public path runs everywhere. scripts/compat_check.sh runs this file on the oldest and
 the newest supported torch, with and without RODE_TORCH_PUBLIC=1."""
+import importlib.util
 import os
 import subprocess
 import sys
@@ -29,7 +30,23 @@ def test_available_names_every_feature():
     assert all(isinstance(v, bool) for v in compat.AVAILABLE.values())
 
 
-def test_env_var_forces_every_public_fallback():
+@pytest.mark.parametrize("value,forced", [("1", True), ("on", True), ("0", False)])
+def test_env_var_forces_every_public_fallback(monkeypatch, value, forced):
+    """runner/compat.py imported afresh (a second copy of the module, as a new process
+    imports it) with RODE_TORCH_PUBLIC set: every private feature off."""
+    monkeypatch.setenv(compat.PUBLIC_ENV, value)
+    spec = importlib.util.spec_from_file_location("_compat_fresh", compat.__file__)
+    fresh = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fresh)
+    assert fresh.FORCE_PUBLIC is forced
+    if forced:
+        assert sorted(k for k, v in fresh.AVAILABLE.items() if v) == []
+    elif not compat.FORCE_PUBLIC:   # not forced: this torch's own features
+        assert fresh.AVAILABLE == compat.AVAILABLE
+
+
+@pytest.mark.slow   # the same import-time switch as above, in a new interpreter
+def test_env_var_forces_every_public_fallback_in_a_new_process():
     code = "import runner.compat as c; print(sorted(k for k, v in c.AVAILABLE.items() if v))"
     env = dict(os.environ, RODE_TORCH_PUBLIC="1")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env,

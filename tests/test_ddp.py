@@ -1,6 +1,7 @@
 """DistributedDataParallel with 2 CPU processes on gloo: one step of K processes equals
 one step of a single process on the combined batch, with the adjoint's custom
 autograd Function inside; the real `torchrun ... -m runner train` writes once."""
+import copy
 import json
 import os
 import socket
@@ -46,7 +47,7 @@ def one_step(model, x, y):
     return grads, [p.detach().clone() for p in model.parameters()]
 
 
-def _worker(rank, port, tmp_path):
+def _worker(rank, port, tmp_path, built):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -55,20 +56,26 @@ def _worker(rank, port, tmp_path):
     dist, device = distributed.setup(torch.device("cpu"))
     assert (dist.rank, dist.world_size) == (rank, WORLD)
     out = {}
-    for method, grad in MODES:
-        model, x, y = build(method, grad, tmp_path)
+    for mode in MODES:
+        model, x, y = copy.deepcopy(built[mode])
         net = dist.wrap(model, device)
         # The sampler's split: this rank's rows of the combined batch.
-        out[method, grad] = one_step(net, x[rank::WORLD], y[rank::WORLD])
+        out[mode] = one_step(net, x[rank::WORLD], y[rank::WORLD])
     torch.save(out, tmp_path / f"rank{rank}.pt")
     dist.close()
 
 
 def test_two_processes_step_like_one_on_the_combined_batch(tmp_path):
-    torch.multiprocessing.spawn(_worker, args=(free_port(), tmp_path), nprocs=WORLD)
+    # The processes are forked from this one, with the models built here (a spawned process
+    # would import torch and compose the configs again: seconds each); each joins the
+    # gloo group from the environment as under torchrun (distributed.setup).
+    built = {mode: build(*mode, tmp_path) for mode in MODES}
+    import torch._dynamo  # noqa: F401  DistributedDataParallel imports it: once, here, for both
+    torch.multiprocessing.start_processes(_worker, args=(free_port(), tmp_path, built),
+                                          nprocs=WORLD, start_method="fork")
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     for mode in MODES:
-        model, x, y = build(*mode, tmp_path)
+        model, x, y = copy.deepcopy(built[mode])
         grads, weights = one_step(model, x, y)
         for r in ranks:
             ddp_grads, ddp_weights = r[mode]

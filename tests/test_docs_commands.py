@@ -73,9 +73,12 @@ def rode_commands(text: str):
 
 def collect():
     """Every command of the README and docs/, sweeps included (each value composed once)."""
-    found = []
+    found, seen = [], set()
     for path in DOCS:
         for line, command, marker in rode_commands(path.read_text()):
+            if (command, marker) in seen:   # the same command in another place: checked once
+                continue
+            seen.add((command, marker))
             found.append(pytest.param(command, marker,
                                       id=f"{path.relative_to(ROOT)}:{line}: rode {command}"[:150]))
     return found

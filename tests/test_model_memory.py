@@ -6,22 +6,27 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import compose_config, validate_job
 from runner import measure
+from runner.tasks import train
 from runner.tasks.train import pareto_optimal
 
 FAST = ["dataset=synthetic", "dataset.num_samples=400", "epochs=1", "width=16", "progress=false",
         "device=cpu", "threads=1"]
 
 
-def _summary(rode_cli, tmp_path, *overrides):
+def _summary(tmp_path, *overrides):
+    """A train run's summary.json, the task run on its composed and checked config (the
+    command line's path to a summary: test_a_real_study_reports_its_pareto_front)."""
     run = tmp_path / "_".join(o.replace("=", "") for o in overrides)
-    r = rode_cli("train", *FAST, *overrides, f"hydra.run.dir={run}")
-    assert r.code == 0, r.err
+    cfg = compose_config("train", [*FAST, *overrides], run)
+    validate_job("train", cfg)
+    train.run(cfg)
     return json.loads((run / "summary.json").read_text()), run
 
 
-def test_adjoint_saved_bytes_stay_flat_in_depth_and_backprops_grow(rode_cli, tmp_path):
-    saved = {(grad, depth): _summary(rode_cli, tmp_path, f"grad={grad}", f"depth={depth}")[0]
+def test_adjoint_saved_bytes_stay_flat_in_depth_and_backprops_grow(tmp_path):
+    saved = {(grad, depth): _summary(tmp_path, f"grad={grad}", f"depth={depth}")[0]
              for grad in ("adjoint", "backprop") for depth in (4, 32)}
     for s in saved.values():   # the parts add up to the step's model memory
         assert s["model_memory_bytes"] == sum(s[k] for k in measure.MODEL_MEMORY_KEYS[:-1])
@@ -33,12 +38,12 @@ def test_adjoint_saved_bytes_stay_flat_in_depth_and_backprops_grow(rode_cli, tmp
     assert bytes_[("adjoint", 32)] < bytes_[("backprop", 32)] / 8
 
 
-def test_the_measurement_leaves_the_run_bit_identical(rode_cli, tmp_path, monkeypatch):
+def test_the_measurement_leaves_the_run_bit_identical(tmp_path, monkeypatch):
     args = ("depth=8",)
-    measured, run_a = _summary(rode_cli, tmp_path / "a", *args)
+    measured, run_a = _summary(tmp_path / "a", *args)
     assert measured["saved_activation_bytes"] > 0
     monkeypatch.setattr(measure, "model_memory", lambda *a, **k: {})
-    plain, run_b = _summary(rode_cli, tmp_path / "b", *args)
+    plain, run_b = _summary(tmp_path / "b", *args)
     assert "model_memory_bytes" not in plain
 
     def lines(run):
@@ -91,18 +96,18 @@ def test_pareto_optimal():
 def test_a_real_study_reports_its_pareto_front(rode_cli, tmp_path):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     sweep = tmp_path / "study"
-    r = rode_cli("-m", "train", "hparams_search=optuna_pareto", "hydra.sweeper.n_trials=3",
+    r = rode_cli("-m", "train", "hparams_search=optuna_pareto", "hydra.sweeper.n_trials=2",
                  "depth=choice(2,8)", "lr=choice(0.003)", *FAST, f"hydra.sweep.dir={sweep}")
     assert r.code == 0, r.err
     summaries = [json.loads((d / "summary.json").read_text())
                  for d in sweep.iterdir() if (d / "summary.json").is_file()]
-    assert len(summaries) == 3
+    assert len(summaries) == 2
     points = [(s["best_metrics"]["val_acc"], s["model_memory_bytes"]) for s in summaries]
     front = sum(pareto_optimal(points))
     report = rode_cli("report", str(sweep))
     assert report.code == 0, report.err
     text = (sweep / "report.md").read_text()
-    assert f"Pareto-optimal trials ({front} of 3)" in text and "![accuracy vs memory](pareto.png)" in text
+    assert f"Pareto-optimal trials ({front} of 2)" in text and "![accuracy vs memory](pareto.png)" in text
     table = text.split("Pareto-optimal trials")[1].split("![accuracy")[0]
     assert sum(line.startswith("| ") and "---" not in line for line in table.splitlines()) == front + 1
     assert (sweep / "pareto.png").stat().st_size > 5000

@@ -9,6 +9,7 @@ import pytest
 
 from conftest import compose_config
 from runner import threads
+from runner.tasks import TASKS
 
 
 @pytest.fixture
@@ -219,3 +220,26 @@ def test_a_parallel_sweep_starts_the_server_before_its_pre_flight(bare, rode_cli
         context.set_start_method(None, force=True)
         threads.stop_server()
     assert forkserver._forkserver._forkserver_pid is None
+
+
+def test_the_workers_server_preloads_only_what_the_task_imports():
+    """torch._dynamo (an optimizer is built) and scikit-learn (dataset=digits) only for the
+    tasks whose jobs import them; scikit-learn not when the command line names only other
+    datasets."""
+    base = ["runner.cli", "hydra_plugins.hydra_joblib_launcher._core"]
+    both = ["torch._dynamo", "sklearn.datasets"]
+    assert threads.preload_modules("runner.tasks.train", ["depth=2,4"]) == \
+        ["runner.tasks.train", *base, *both]
+    assert threads.preload_modules("runner.tasks.train", ["dataset=synthetic", "seed=0,1"]) == \
+        ["runner.tasks.train", *base, "torch._dynamo"]
+    for digits in ("dataset=synthetic,digits", "dataset=choice(text,digits)", "+dataset=digits"):
+        assert "sklearn.datasets" in threads.preload_modules("runner.tasks.memory", [digits])
+    assert threads.preload_modules("runner.tasks.gradcheck", []) == \
+        ["runner.tasks.gradcheck", *base, "sklearn.datasets"]
+    assert threads.preload_modules("runner.tasks.linear", []) == \
+        ["runner.tasks.linear", *base, "torch._dynamo"]
+    assert threads.preload_modules("runner.tasks.bench", []) == \
+        ["runner.tasks.bench", *base, "torch._dynamo"]
+    for task in ("discretization", "report"):
+        assert threads.preload_modules(f"runner.tasks.{task}", []) == [f"runner.tasks.{task}", *base]
+    assert set(threads.TASK_PRELOAD) <= {t.module for t in TASKS.values()}
