@@ -259,8 +259,13 @@ def test_every_bad_input_is_one_line_exit_2(task, files, tmp_path, monkeypatch, 
     """Every key with one of its bad values, every rule and file case; each case through
     one of Hydra's routes (in turn, shifted per task), since bad input must be refused
     whichever flags start the task. The whole table (every bad value of every key) is
-    the slow test below."""
-    _run_table(task, cases_for(task, files, sample=True), files, tmp_path, monkeypatch, capsys)
+    the slow test below. Train's schema has over a hundred keys: the default suite takes
+    every other one (the rules and file cases all), the slow table every key."""
+    cases = cases_for(task, files, sample=True)
+    if task == "train":
+        keys = len(schema_cases(task, sample=True))
+        cases = cases[:keys:2] + cases[keys:]
+    _run_table(task, cases, files, tmp_path, monkeypatch, capsys)
 
 
 @pytest.mark.slow

@@ -20,9 +20,10 @@ def run_script(out, **env):
                           capture_output=True, text=True, timeout=600)
 
 
-# The default suite's share: the checks no other test runs (the transformer step, the
-# low-precision gradient check, a two-process DDP step); the slow test runs them all.
-QUICK = ["transformer", "gradcheck", "ddp_backend"]
+# The default suite's share: one check through the whole script (the low-precision
+# gradient check, which no other test runs); the slow test runs them all (the transformer
+# step and the two-process DDP step among them).
+QUICK = ["gradcheck"]
 
 
 def _smoke(tmp_path, checks):
@@ -36,7 +37,8 @@ def _smoke(tmp_path, checks):
     for name in checks:
         assert f"| {name} | PASS |" in summary and f"## {name}:" in summary
     assert "| gradcheck | PASS |" in summary and "bfloat16" in summary
-    assert "gloo, world size 2" in summary
+    if "ddp_backend" in checks:
+        assert "gloo, world size 2" in summary
 
 
 def test_smoke_runs_the_checks_no_other_test_runs(tmp_path):
