@@ -8,8 +8,11 @@ from __future__ import annotations
 
 # First, before anything else is imported: as the `rode` command, Ctrl-C while the
 # command is still importing is one line and exit 130, not a traceback.
+# os, sys and _signal are imported by Python's start-up already: no time passes here.
+# (``signal`` wraps _signal in enums: slower to import, and an interrupt while it imports
+# would be a traceback in this file.)
+import _signal
 import os as _os
-import signal as _signal
 import sys as _sys
 
 

@@ -19,9 +19,13 @@ RODE = Path(sys.executable).parent / "rode"   # the installed console script
 
 
 def interrupt_at(delay: float, run_dir: Path) -> subprocess.CompletedProcess:
+    # Ctrl-C's default disposition in the child, whatever this process has (a job started
+    # in the background of a non-interactive shell inherits SIGINT ignored, and Python then
+    # leaves it ignored: nothing would interrupt the run).
     proc = subprocess.Popen([str(RODE), "train", "dataset=synthetic", "depth=2", "device=cpu",
                              "threads=1", "progress=false", f"hydra.run.dir={run_dir}"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(delay)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
