@@ -5,9 +5,8 @@
 # N^(alpha-1) (Adam) and N^(2 alpha-1) (SGD).
 # Usage: scripts/depth_transfer.sh [full] [overrides...]
 #   default: digits, residual MLP width 64, depths 4..256, 2 seeds, 63 steps, 2 jobs at a
-#            time (hydra/launcher=parallel), one thread each (CPU: about 1 100 CPU s, from a
-#            measured one-seed run; about 10 minutes on 2 quiet cores, an estimate:
-#            docs/depth-scaling.md, "Time")
+#            time (hydra/launcher=parallel), one thread each (measured on 2 quiet cores:
+#            11 minutes, 1 146 CPU s; docs/depth-scaling.md, "Time")
 #   e.g. scripts/depth_transfer.sh depth=4,16,64 seed=0   (a smaller grid: overrides win)
 #        scripts/depth_transfer.sh hydra.launcher.n_jobs=1   (one job at a time)
 #   full:    depths 4..1024, 3 seeds, 210 steps, finer grid, on a GPU
