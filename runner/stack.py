@@ -16,6 +16,7 @@ from .walk import Structure, compose, hooks_anywhere, modules_of, plain_call
 _BatchNorm = nn.modules.batchnorm._BatchNorm
 _Dropout = nn.modules.dropout._DropoutNd
 _SPECIAL = (_BatchNorm, _Dropout)
+_SEQUENTIAL_FORWARD = nn.Sequential.forward
 
 
 def _draws(dropout: nn.Module) -> bool:
@@ -23,7 +24,6 @@ def _draws(dropout: nn.Module) -> bool:
     with p > 0 (at p = 0 torch returns its input without drawing). Should a module
     draw anyway, the adjoint's guard sees the random state move and replays."""
     return dropout.training and dropout.p > 0
-_SEQUENTIAL_FORWARD = nn.Sequential.forward
 
 
 def depth_step(depth: int, alpha: float = 1.0) -> float:

@@ -88,9 +88,10 @@ class WandB:
         import wandb
 
         run_id = saved.get("wandb_id") or opts.get("id") or uuid.uuid4().hex[:8]
-        self.where = Path(opts.get("save_dir") or out_dir) / "wandb"
+        base = Path(opts.get("save_dir") or out_dir)
+        self.where = base / "wandb"   # what a failed write names: W&B writes under dir/wandb
         self.run = wandb.init(project=opts.get("project") or "rode", name=opts.get("name"),
-                              dir=str(opts.get("save_dir") or out_dir), mode=opts.get("mode") or "offline",
+                              dir=str(base), mode=opts.get("mode") or "offline",
                               id=run_id, resume="allow", config=config, reinit="create_new")
         self.id = run_id
 

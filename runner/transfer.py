@@ -90,7 +90,10 @@ SWEPT = frozenset({"lr", "depth", "seed", "alpha", "optimizer", "parametrization
 
 
 def varied_keys(jobs: list[Job]) -> set[str]:
-    """The config keys (flattened) whose values differ between the jobs."""
+    """The config keys (flattened) whose values differ between the jobs. Unlike
+    :func:`runner.reporting.factors`, a key that only some jobs have does not count: the
+    runs of one sweep made before and after a key was renamed (``hooks.*.batch`` became
+    ``hooks.*.batch_size``) still belong together."""
     seen: dict[str, set] = defaultdict(set)
     for j in jobs:
         for k, v in flatten(j.config or {}).items():
@@ -98,14 +101,21 @@ def varied_keys(jobs: list[Job]) -> set[str]:
     return {k for k, v in seen.items() if len(v) > 1}
 
 
-def is_transfer_sweep(jobs: list[Job]) -> bool:
-    """Train jobs over at least 3 learning rates and 2 depths that differ in nothing else
-    but the seed and the panel (optimizer, parametrization, alpha): a study that also
-    varies the grad mode, the method or the width is not one (its losses at one lr and
-    depth would mix different models)."""
+def transfer_points(jobs: list[Job]) -> list[Point] | None:
+    """The jobs' points if they are a transfer sweep, else None: train jobs over at least
+    3 learning rates and 2 depths that differ in nothing else but the seed and the panel
+    (optimizer, parametrization, alpha). A study that also varies the grad mode, the
+    method or the width is not one (its losses at one lr and depth would mix models)."""
     ps = points(jobs)
-    return (len({p.lr for p in ps}) >= 3 and len({p.depth for p in ps}) >= 2
-            and varied_keys([j for j in jobs if "lr" in (j.config or {})]) <= SWEPT)
+    if (len({p.lr for p in ps}) >= 3 and len({p.depth for p in ps}) >= 2
+            and varied_keys([j for j in jobs if "lr" in (j.config or {})]) <= SWEPT):
+        return ps
+    return None
+
+
+def is_transfer_sweep(jobs: list[Job]) -> bool:
+    """Whether the jobs are a transfer sweep (:func:`transfer_points`)."""
+    return transfer_points(jobs) is not None
 
 
 def best_lr(curve: list[tuple[float, float]]) -> tuple[float, bool] | None:
@@ -210,9 +220,9 @@ def analyse(ps: list[Point]) -> Analysis:
 def section(jobs: list[Job], out: Path, figures: list[str]) -> str:
     """The report's transfer section (figure transfer.png, tables), or '' when the
     jobs are not a transfer sweep."""
-    if not is_transfer_sweep(jobs):
+    ps = transfer_points(jobs)
+    if ps is None:
         return ""
-    ps = points(jobs)
     result = analyse(ps)
     from .plots import plot_transfer  # matplotlib: only when a report is drawn
     plot_transfer(result.curves, out / "transfer.png", panel_name)
