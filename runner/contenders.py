@@ -74,6 +74,12 @@ class Contender:
 EVERY_METHOD = ("euler", "heun", "rev_heun", "momentum", "coupled")
 
 
+def _step(functions, alpha: float, step_size: float | None) -> float:
+    """The step a contender takes: ``step_size`` where given, else ResidualStack's default
+    (``depth_step(len(functions), alpha)``)."""
+    return step_size if step_size is not None else depth_step(len(functions), alpha)
+
+
 class _PlainLoop(nn.Module):
     """x_0 -> x_S by a bare Python loop over the functions: Euler or Heun with
     step 1/N, written out as a user would."""
@@ -82,7 +88,7 @@ class _PlainLoop(nn.Module):
         super().__init__()
         self.functions = nn.ModuleList(functions)
         self.heun = method == "heun"
-        self.h = step_size if step_size is not None else depth_step(len(functions), alpha)
+        self.h = _step(functions, alpha, step_size)
 
     def forward(self, x):
         fs = list(self.functions)
@@ -183,7 +189,7 @@ class _ODEAdjoint(nn.Module):
     def __init__(self, functions, method, alpha: float = 1.0, step_size: float | None = None):
         super().__init__()
         integrator = get_integrator(method)
-        self.h = step_size if step_size is not None else depth_step(len(functions), alpha)
+        self.h = _step(functions, alpha, step_size)
         self.steps = integrator.num_steps(len(functions))
         self.field = IndexedField(functions, self.h)
         self.solver = self._SOLVER[integrator.name]
@@ -241,7 +247,7 @@ class _MemcnnStack(nn.Module):
         from memcnn import InvertibleModuleWrapper
 
         integrator = get_integrator(method)
-        h = step_size if step_size is not None else depth_step(len(functions), alpha)
+        h = _step(functions, alpha, step_size)
         self.steps = nn.ModuleList(
             InvertibleModuleWrapper(_InvertibleStep(functions, integrator, n, h), keep_input=False)
             for n in range(integrator.num_steps(len(functions))))

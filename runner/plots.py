@@ -647,10 +647,10 @@ def plot_convergence(series: dict[str, list[tuple]], path: Path) -> Path:
         text = f"{label}\nslope: weights {signed[0]}, outputs {signed[1]}"
         for ax, k in ((axes[0], 1), (axes[1], 2)):
             ax.plot(xs, [p[k] for p in points], ms=4, label=text, **styles[label])
+    # The guide starts at the series the O(1/N) prediction is about (smooth, alpha = 1).
+    predicted = [lab for lab in series if "init=smooth" in lab and "alpha=1," in lab + ","]
     for ax, k, title in ((axes[0], 1, "trained weights, N vs 2N"),
                          (axes[1], 2, "outputs, N vs 2N")):
-        # The guide starts at the series the O(1/N) prediction is about (smooth, alpha = 1).
-        predicted = [lab for lab in series if "init=smooth" in lab and "alpha=1," in lab + ","]
         pts = [(p[0], p[k]) for lab in predicted or series for p in series[lab]]
         reference_slopes(ax, [p[0] for p in pts], [p[1] for p in pts], (-1.0,))
         pts = [(p[0], p[k]) for points in series.values() for p in points]
