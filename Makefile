@@ -20,8 +20,11 @@ train: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/rode bench $(ARGS)
 
+# Test workers (pytest-xdist): auto is one per CPU core; JOBS=0 runs the tests in this process.
+JOBS   ?= auto
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(BIN)/python -m pytest -q -n $(JOBS) --dist worksteal $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

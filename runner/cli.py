@@ -296,10 +296,13 @@ def _run_hydra_app(task: str, argv: list[str], hydra_subdir: str | None = None) 
                 raise _StopRequested(failed) from None
             raise failed from None
 
+    from . import composing
+
     saved = sys.argv
     sys.argv = [f"rode {task}", *argv]
     try:
-        app()
+        with composing.cached_loads():   # the pre-flight composed each job's config
+            app()
     finally:
         sys.argv = saved
 

@@ -119,7 +119,7 @@ def initialize(route: Route | None):
     --config-path / --config-dir (the compose API then reads the same configs)."""
     from hydra import version
     from hydra._internal.hydra import Hydra
-    from hydra._internal.utils import create_automatic_config_search_path
+    from hydra._internal.utils import create_automatic_config_search_path, detect_task_name
     from hydra.core.config_search_path import SearchPathQuery
     from hydra.core.global_hydra import GlobalHydra
 
@@ -127,6 +127,8 @@ def initialize(route: Route | None):
                                                                    config_dir=None)
     version.setbase("1.3")
     GlobalHydra.instance().clear()
+    # as hydra.main in runner.cli sets them up: its search path and job name (so that the
+    # app's loads reuse what the pre-flight composed; see composing.cached_loads)
     search_path = create_automatic_config_search_path(None, "runner.cli",
                                                       args.config_path or "conf")
     if args.config_dir is not None:
@@ -136,7 +138,8 @@ def initialize(route: Route | None):
         search_path.prepend(provider="command-line", path=f"file://{where}",
                             anchor=SearchPathQuery(provider="schema"))
     try:
-        Hydra.create_main_hydra2(task_name="rode", config_search_path=search_path)
+        Hydra.create_main_hydra2(task_name=detect_task_name(None, "runner.cli"),
+                                 config_search_path=search_path)
         yield
     finally:
         GlobalHydra.instance().clear()
@@ -369,10 +372,10 @@ def check_group_values(parsed, task: str) -> None:
     loader = GlobalHydra.instance().config_loader()
     for o in parsed:
         key = o.get_key_element().lstrip("+~")
-        if o.is_hydra_override() or o.is_sweep_override():
+        if o.is_hydra_override() or o.is_sweep_override() or "." in key or o.value() is not None:
             continue
-        options = loader.get_group_options(key) if "." not in key else []
-        if options and o.value() is None:
+        options = loader.get_group_options(key)   # builds a config repository: only for null
+        if options:
             raise ConfigError(f"{key}=null: {key} is a config group; choose from "
                               f"{', '.join(options)} (a list for several, [] for none)")
 

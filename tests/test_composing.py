@@ -112,3 +112,46 @@ def test_hydra_mode_as_hydra_reads_it(overrides):
             except Exception:
                 mine = None
             assert mine == real
+
+
+def _hydra_files(root):
+    """Every YAML file Hydra wrote under root (.hydra/*, multirun.yaml), root made X."""
+    return {p.relative_to(root).as_posix(): p.read_text().replace(str(root), "X")
+            for p in sorted(root.rglob("*.yaml"))}
+
+
+def test_the_apps_loads_reuse_the_preflight_and_write_what_hydra_writes(rode_cli, tmp_path,
+                                                                        monkeypatch):
+    """Inside the app, Hydra's config loads (its mode check, the run, each job of a sweep)
+    go through composing: the same .hydra/ files as Hydra's own loads, and no
+    composition from the YAML files that the pre-flight already made."""
+    import contextlib
+
+    from runner.tasks import load_task
+
+    monkeypatch.setattr(load_task("train"), "run", lambda cfg: None)
+    commands = [["train", "model=conv", "dataset=synthetic", "dataset.shape=[1,8,8]", "lr=0.01",
+                 "hydra.run.dir=X/run"],
+                ["-m", "train", "dataset=synthetic", "depth=2,3", "method=heun",
+                 "hydra.sweep.dir=X/sweep"]]
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+
+    written, real = {}, ConfigLoaderImpl._load_configuration_impl
+    for cached in (True, False):
+        root = tmp_path / ("cached" if cached else "hydra")
+        root.mkdir()
+        composing.clear()
+        loads = []   # compositions from the YAML files
+        monkeypatch.setattr(ConfigLoaderImpl, "_load_configuration_impl",
+                            lambda self, *a, loads=loads, **k: loads.append(a) or real(self, *a, **k))
+        if not cached:
+            monkeypatch.setattr(composing, "cached_loads", contextlib.nullcontext)
+        for command in commands:
+            r = rode_cli(*[w.replace("X", str(root)) for w in command], cwd=root)
+            assert r.code == 0, r.err
+        written[cached] = _hydra_files(root)
+        # cached: per command, the pre-flight's and its mode check's (multirun) only; Hydra's
+        # own: also the app's mode check and run, a sweep's multirun config and each job's
+        assert len(loads) == 4 if cached else len(loads) >= 10, len(loads)
+    assert len(written[True]) == 10   # run: 3 files; sweep: 2 jobs x 3, multirun.yaml
+    assert written[True] == written[False]

@@ -186,13 +186,13 @@ class SharedCompose:
 
     def load(self, loader, config_name, overrides, run_mode, from_shell=True,
              validate_sweep_overrides=True):
-        import copy
-
         from hydra._internal.config_loader_impl import ConfigLoaderImpl, get_overrides_dirname
         from hydra.core.override_parser.overrides_parser import OverridesParser
         from hydra.errors import HydraException
         from omegaconf import open_dict
         from omegaconf.errors import OmegaConfBaseException
+
+        from runner import composing
 
         def real(lines):
             return self.real_load(loader, config_name, list(lines), run_mode, from_shell,
@@ -214,7 +214,7 @@ class SharedCompose:
                self._where(loader))
         if key not in self.bases:
             self.bases[key] = real(base_lines)
-        cfg = copy.deepcopy(self.bases[key])
+        cfg = composing.copy_config(self.bases[key])
         try:
             ConfigLoaderImpl._apply_overrides_to_config(
                 [o for c, o in zip(chooses, parsed, strict=True) if not c], cfg)
