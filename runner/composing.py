@@ -113,7 +113,6 @@ def compose(config_name: str, overrides: list[str], return_hydra_config: bool = 
 def _compose(loader, config_name, overrides, parsed, return_hydra_config, multirun):
     from hydra.core.utils import JobRuntime
     from hydra.errors import ConfigCompositionException
-    from omegaconf import open_dict
     from omegaconf.errors import OmegaConfBaseException
 
     stamp = None
@@ -141,24 +140,19 @@ def _compose(loader, config_name, overrides, parsed, return_hydra_config, multir
             group.append(o)
         else:
             values.append(o)
-    key = (base, multirun, tuple(o.input_line for o in group))
-    entry = _CACHE.get(key)
+    lines = tuple(o.input_line for o in group)
+    entry = _CACHE.get((base, multirun, lines))
+    if entry is None and multirun:
+        # hydra.mode's composition (multirun) differs from a run's only in skipping a
+        # missing group default: a run's that succeeded serves it, and is tried first
+        entry = _CACHE.get((base, False, lines))
+        if entry is None:
+            try:
+                entry = _store((base, False, lines), _entry(config_name, group, False))
+            except Exception:   # a missing default, or an error the multirun gives too
+                pass
     if entry is None:
-        # Hydra itself, with the group overrides only: its errors, its defaults
-        cfg = _hydra(config_name, [o.input_line for o in group], True, multirun)
-        task_lines = sum(not o.is_hydra_override() for o in group)
-        hydra_lines = len(group) - task_lines
-        with open_dict(cfg.hydra):   # back to the state before Hydra appended them
-            if task_lines:
-                del cfg.hydra.overrides.task[-task_lines:]
-            if hydra_lines:
-                del cfg.hydra.overrides.hydra[-hydra_lines:]
-        after = {k: copy.deepcopy(cfg.hydra.runtime[k]) for k in
-                 ("choices", "version", "version_base", "config_sources")}
-        entry = (cfg, after, cfg.hydra.job.get("name"))
-        if len(_CACHE) >= _MAX:
-            _CACHE.clear()
-        _CACHE[key] = entry
+        entry = _store((base, multirun, lines), _entry(config_name, group, multirun))
     cached, after, job_name = entry
     cfg = copy_config(cached)
     try:
@@ -166,6 +160,34 @@ def _compose(loader, config_name, overrides, parsed, return_hydra_config, multir
                        return_hydra_config)
     except OmegaConfBaseException as e:   # as Hydra's load_configuration wraps them
         raise ConfigCompositionException().with_traceback(e.__traceback__) from e
+
+
+def _entry(config_name, group, multirun):
+    """Hydra itself, with the group overrides only (its errors, its defaults): the
+    config, what the job's own runtime record takes from it, and the job's name."""
+    from omegaconf import OmegaConf, open_dict
+
+    cfg = _hydra(config_name, [o.input_line for o in group], True, multirun)
+    task_lines = sum(not o.is_hydra_override() for o in group)
+    hydra_lines = len(group) - task_lines
+    with open_dict(cfg.hydra):   # back to the state before Hydra appended them
+        if task_lines:
+            del cfg.hydra.overrides.task[-task_lines:]
+        if hydra_lines:
+            del cfg.hydra.overrides.hydra[-hydra_lines:]
+    # the choices as a plain dict (each job's config builds its own nodes from it);
+    # the sources typed (a list of ConfigSourceInfo), copied per job
+    after = {k: copy.deepcopy(cfg.hydra.runtime[k]) for k in
+             ("version", "version_base", "config_sources")}
+    after["choices"] = OmegaConf.to_container(cfg.hydra.runtime.choices)
+    return cfg, after, cfg.hydra.job.get("name")
+
+
+def _store(key, entry):
+    if len(_CACHE) >= _MAX:
+        _CACHE.clear()
+    _CACHE[key] = entry
+    return entry
 
 
 def copy_config(cfg):
@@ -215,7 +237,7 @@ def _finish(loader, config_name, parsed, values, cfg, after, job_name, return_hy
             cfg.hydra.overrides.task.append(override.input_line)
             app_overrides.append(override)
     with open_dict(cfg.hydra):
-        cfg.hydra.runtime.choices.update(copy.deepcopy(after["choices"]))
+        cfg.hydra.runtime.choices.update(after["choices"])
         for key in cfg.hydra.job.env_copy:
             cfg.hydra.job.env_set[key] = os.environ[key]
     cfg.hydra.runtime.version = after["version"]

@@ -77,7 +77,8 @@ def test_a_sweep_composes_the_defaults_once_per_group_selection(rode_cli, tmp_pa
                  f"hydra.sweep.dir={tmp_path / 'sweep'}")
     assert r.code == 0, r.err
     assert sorted(ran) == [2, 2, 4, 4]   # 4 jobs, all ran
-    assert sorted(map(tuple, calls)) == [("dataset=digits",), ("dataset=synthetic",)]
+    # hydra.mode's check (no group choice: the dataset is swept), then each job's choice
+    assert sorted(map(tuple, calls)) == [(), ("dataset=digits",), ("dataset=synthetic",)]
 
 
 def test_a_changed_config_file_is_read_again(rode_cli, tmp_path):
@@ -150,8 +151,25 @@ def test_the_apps_loads_reuse_the_preflight_and_write_what_hydra_writes(rode_cli
             r = rode_cli(*[w.replace("X", str(root)) for w in command], cwd=root)
             assert r.code == 0, r.err
         written[cached] = _hydra_files(root)
-        # cached: per command, the pre-flight's and its mode check's (multirun) only; Hydra's
+        # cached: one per command (its mode check's, which the pre-flight's reuses); Hydra's
         # own: also the app's mode check and run, a sweep's multirun config and each job's
-        assert len(loads) == 4 if cached else len(loads) >= 10, len(loads)
+        assert len(loads) == 2 if cached else len(loads) >= 10, len(loads)
     assert len(written[True]) == 10   # run: 3 files; sweep: 2 jobs x 3, multirun.yaml
     assert written[True] == written[False]
+
+
+@pytest.mark.parametrize("overrides", [["depth=4,8", "dataset=mnist"], ["hydra.run.dir=/tmp/x"],
+                                       ["experiment=bench"], ["dataset=synthetic,mnist"]])
+def test_the_mode_checks_composition_is_hydras_multirun_one(overrides):
+    """hydra.mode's composition (multirun) reuses a run's of the same group choices:
+    the whole config is what Hydra's multirun composition gives, before and after."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.types import RunMode
+
+    composing.clear()
+    with routes.initialize(None):
+        real = _plain(GlobalHydra.instance().hydra.compose_config(
+            config_name="train", overrides=overrides, run_mode=RunMode.MULTIRUN,
+            with_log_configuration=False, validate_sweep_overrides=False))
+        for _ in range(2):
+            assert _plain(composing.compose("train", overrides, True, multirun=True)) == real
