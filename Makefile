@@ -21,19 +21,22 @@ bench: $(STAMP)
 	$(BIN)/rode bench $(ARGS)
 
 # Test workers (pytest-xdist): auto is one per CPU core; JOBS=0 runs the tests in this process.
+# Bytecode is written (PYTHONDONTWRITEBYTECODE cleared): the workers and the `rode` processes
+# the tests start then compile rode's modules and the test files once, not each.
 JOBS   ?= auto
+PYTEST := PYTHONDONTWRITEBYTECODE= $(BIN)/python -m pytest -q
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n $(JOBS) --dist worksteal $(ARGS)
+	$(PYTEST) -n $(JOBS) --dist worksteal $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
 test-slow: $(STAMP)
-	$(BIN)/python -m pytest -q -m slow $(ARGS)
+	$(PYTEST) -m slow $(ARGS)
 
 test-all: $(STAMP)
-	$(BIN)/python -m pytest -q -m "slow or not slow" $(ARGS)
+	$(PYTEST) -m "slow or not slow" $(ARGS)
 
 clean:
 	rm -rf outputs build *.egg-info .pytest_cache
