@@ -22,7 +22,7 @@ import itertools  # noqa: E402
 from . import config, once, routes, rundir, threads  # noqa: E402
 from .errors import ConfigError, Interrupted, RodeError, RunFailed  # noqa: E402
 from .schema import TASK_SCHEMAS, has_key  # noqa: E402
-from .tasks import TASKS, load_task  # noqa: E402
+from .tasks import TASKS, environment_check, load_task  # noqa: E402
 
 _MAX_COMBINATIONS = 256
 
@@ -269,7 +269,8 @@ def _run_hydra_app(task: str, argv: list[str], hydra_subdir: str | None = None) 
                 routes.write_hydra_dir(cfg, hydra_subdir)
             # Only the stages the pre-flight did not already pass for this job's config
             # (a point a sweeper sampled, a job on another machine: every stage).
-            config.validate(task, cfg, environment=True, skip=once.passed(once.job_key(task, cfg)))
+            config.validate(task, cfg, environment=environment_check(task),
+                            skip=once.passed(once.job_key(task, cfg)))
             result = module.run(cfg)
             # A sweeper (hparams_search=optuna) optimises what the app returns.
             objective = TASKS[task].objective_function()
@@ -391,7 +392,7 @@ def validate_overrides(task: str, overrides: list[str], multirun: bool,
         for job_key, cfg in zip(keys, jobs, strict=True):
             if auto and not multirun and out_dir is not None:
                 cfg.out_dir = out_dir   # resume=auto checks the checkpoint there, if any
-            once.record(job_key, config.validate(task, cfg, environment=True,
+            once.record(job_key, config.validate(task, cfg, environment=environment_check(task),
                                                  skip=once.passed(job_key)))
         routes.check_task_overrides(task, overrides, jobs)
         routes.check_out_dirs(task, jobs, TASKS[task].writes_runs)

@@ -5,7 +5,8 @@ is written. Types, ranges and choices come from ``runner.schema`` (one spec per
 key); the cross-field rules of every task are here, each written once. Neither
 imports torch: checks that need it (a CUDA device, a checkpoint's weights, a
 dataset's files) are the third stage, each task module's ``validate(cfg)``, which
-``validate(task, cfg, environment=True)`` runs after these (see ``runner.once``).
+``validate(task, cfg, environment=runner.tasks.environment_check(task))`` runs after
+these (see ``runner.once``); this module does not import the tasks.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import importlib.util
 import os
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from .errors import ConfigError
@@ -229,12 +231,13 @@ RULES = {"train": _train, "finetune": check_tracking, "memory": _memory, "bench"
          "discretization": _discretization, "gradcheck": _gradcheck}
 
 
-def validate(task: str, cfg, environment: bool = False, skip=frozenset()) -> tuple[str, ...]:
+def validate(task: str, cfg, environment: Callable | None = None,
+             skip=frozenset()) -> tuple[str, ...]:
     """The checks of a job's config in their three stages (``runner.once.STAGES``): the
-    schema of ``task``, its cross-field rules, and (``environment=True``) the task
-    module's ``validate`` (files, devices, checkpoints; imports torch). ConfigError on
-    the first bad value. Stages in ``skip`` (already passed for this config) are left
-    out; returns the stages that ran."""
+    schema of ``task``, its cross-field rules, and, given ``environment`` (the task's
+    own check, ``runner.tasks.environment_check(task)``: files, devices, checkpoints;
+    imports torch), that check. ConfigError on the first bad value. Stages in ``skip``
+    (already passed for this config) are left out; returns the stages that ran."""
     ran = []
     if "schema" not in skip:
         check_config(task, cfg)
@@ -244,12 +247,8 @@ def validate(task: str, cfg, environment: bool = False, skip=frozenset()) -> tup
         if rule is not None:
             rule(cfg)
         ran.append("rules")
-    if environment and "environment" not in skip:
-        from .tasks import load_task  # torch: only for this stage
-
-        module = load_task(task)
-        if hasattr(module, "validate"):
-            module.validate(cfg)
+    if environment is not None and "environment" not in skip:
+        environment(cfg)
         ran.append("environment")
     return tuple(ran)
 

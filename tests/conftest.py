@@ -116,8 +116,9 @@ def validate_job(task: str, cfg) -> None:
     """Every check `rode <task>` runs on a job's config before anything is written: the
     schema and rules, then the task's own checks (as runner.cli does)."""
     from runner import config
+    from runner.tasks import environment_check
 
-    config.validate(task, cfg, environment=True)
+    config.validate(task, cfg, environment=environment_check(task))
 
 
 # A run that checkpoints, stops and resumes quickly: 1600 training examples, batch 64,

@@ -144,7 +144,7 @@ def _without_task_checks(task: str):
 
     from runner import tasks
 
-    real = tasks.load_task   # the environment stage (runner.config.validate) loads it here
+    real = tasks.load_task   # the environment stage (runner.tasks.environment_check) loads it here
     tasks.load_task = lambda name: types.SimpleNamespace() if name == task else real(name)
     try:
         yield

@@ -36,10 +36,6 @@ def hook_records(job: Job) -> dict[str, list[dict]]:
     return found
 
 
-def _write_csv(rows: list[dict], path: Path) -> None:
-    write_csv(rows, path, list(rows[0]))
-
-
 def _value(v) -> float:
     return float("nan") if v is None else float(v)
 
@@ -80,7 +76,7 @@ def report_section(jobs: list[Job], out: Path, figures: list[str]) -> str:
             scalar = [_value(r.get(schema.scalar)) for r in recs]
             plot_hook_run(steps, [r[schema.per_layer] for r in recs], scalar, schema,
                           f"{name}: {labels[j.path]}", out / f"{base}.png")
-            _write_csv(run_rows(recs, schema), out / f"{base}.csv")
+            write_csv(run_rows(recs, schema), out / f"{base}.csv")
             figures.append(f"{base}.png")
             last = [v for v in recs[-1][schema.per_layer] if v is not None and math.isfinite(v)]
             rows.append([labels[j.path], steps[-1], scalar[-1],
@@ -114,7 +110,7 @@ def _compare(name, schema, runs, labels, out: Path, figures: list[str]) -> str:
     base = f"hook_{name}_compare"
     plot_hook_compare(compared, schema, f"{name}: {schema.per_layer_label}, runs compared",
                       out / f"{base}.png")
-    _write_csv(rows, out / f"{base}.csv")
+    write_csv(rows, out / f"{base}.csv")
     figures.append(f"{base}.png")
     step = f"step {max(common)}" if common else "each run's last step"
     return "\n".join([f"Runs compared at {step}:", "",

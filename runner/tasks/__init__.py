@@ -62,3 +62,14 @@ TASKS: dict[str, Task] = {
 
 def load_task(name: str):
     return importlib.import_module(TASKS[name].module)
+
+
+def environment_check(name: str):
+    """The third stage of a job's checks (``runner.config.validate``): the task module's
+    own ``validate`` (files, devices, checkpoints), as a callable of the config. The
+    module (and torch) is imported only when the stage runs."""
+    def check(cfg) -> None:
+        module = load_task(name)
+        if hasattr(module, "validate"):
+            module.validate(cfg)
+    return check
