@@ -24,10 +24,10 @@ bench: $(STAMP)
 # Bytecode is written (PYTHONDONTWRITEBYTECODE cleared): the workers and the `rode` processes
 # the tests start then compile rode's modules and the test files once, not each.
 JOBS   ?= auto
-PYTEST := PYTHONDONTWRITEBYTECODE= $(BIN)/python -m pytest -q
+PYTEST := PYTHONDONTWRITEBYTECODE= $(BIN)/python -m pytest -q -n $(JOBS) --dist worksteal
 
 test: $(STAMP)
-	$(PYTEST) -n $(JOBS) --dist worksteal $(ARGS)
+	$(PYTEST) $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

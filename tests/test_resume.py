@@ -138,7 +138,7 @@ def test_sigterm_to_the_cli_checkpoints_and_resume_continues(tmp_path):
 
     out = subprocess.run(cmd + [f"resume={run_dir}", "epochs=9"], cwd=tmp_path,
                          capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2 and "only device, progress, threads, checkpoint can be set" in out.stderr
+    assert out.returncode == 2 and "only device, progress, threads, save can be set" in out.stderr
     out = subprocess.run(cmd + [f"resume={run_dir}", "progress=false"], cwd=tmp_path,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
