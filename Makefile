@@ -20,11 +20,13 @@ train: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/rode bench $(ARGS)
 
-# Test workers (pytest-xdist): auto is one per CPU core; JOBS=0 runs the tests in this process.
+# Test workers (pytest-xdist): auto is one per CPU core, at most 4 (each imports torch);
+# JOBS=0 runs the tests in this process.
 # Bytecode is written (PYTHONDONTWRITEBYTECODE cleared): the workers and the `rode` processes
 # the tests start then compile rode's modules and the test files once, not each.
 JOBS   ?= auto
-PYTEST := PYTHONDONTWRITEBYTECODE= $(BIN)/python -m pytest -q -n $(JOBS) --dist worksteal
+PYTEST := PYTHONDONTWRITEBYTECODE= $(BIN)/python -m pytest -q -n $(JOBS) --maxprocesses=4 \
+          --dist worksteal
 
 test: $(STAMP)
 	$(PYTEST) $(ARGS)
