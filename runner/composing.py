@@ -11,7 +11,11 @@ defaults once and applies each value to a copy.
 
 ``compose`` returns what ``hydra.compose`` returns (the same config, flags, hydra node
 and errors): it replays the steps Hydra's ``ConfigLoaderImpl._load_configuration_impl``
-runs after the defaults are composed. Nothing is cached (Hydra's own compose runs)
+runs after the defaults are composed. The multirun composition that reads ``hydra.mode``
+reuses a run's of the same group choices (they differ only where a group default is
+missing). ``cached_loads`` routes the Hydra app's own loads (its mode check, the run,
+each job of a sweep) through the same cache, so the app does not compose from the YAML
+files again what the pre-flight composed. Nothing is cached (Hydra's own compose runs)
 when a ``hydra.searchpath`` override or a config source other than files and packages
 is in play; a cached entry is dropped when any config file under the search path
 changes (path, size or mtime) or when a structured config is registered.
