@@ -649,12 +649,12 @@ def plot_convergence(series: dict[str, list[tuple]], path: Path) -> Path:
             ax.plot(xs, [p[k] for p in points], ms=4, label=text, **styles[label])
     # The guide starts at the series the O(1/N) prediction is about (smooth, alpha = 1).
     predicted = [lab for lab in series if "init=smooth" in lab and "alpha=1," in lab + ","]
+    depths = [p[0] for points in series.values() for p in points]
     for ax, k, title in ((axes[0], 1, "trained weights, N vs 2N"),
                          (axes[1], 2, "outputs, N vs 2N")):
         pts = [(p[0], p[k]) for lab in predicted or series for p in series[lab]]
         reference_slopes(ax, [p[0] for p in pts], [p[1] for p in pts], (-1.0,))
-        pts = [(p[0], p[k]) for points in series.values() for p in points]
-        _depth_axis(ax, [p[0] for p in pts])
+        _depth_axis(ax, depths)
         ax.set_yscale("log")
         ax.set_title(title, fontsize=9)
         ax.set_ylabel("relative distance")
